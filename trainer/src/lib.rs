@@ -1,0 +1,10 @@
+//! modpo-trainer: controllable multi-objective preference optimisation of causal LMs.
+//!
+//! Data flows one way: `config` -> `data` (tokenized pairs with score vectors) -> method (a plan
+//! of stages and passes) -> train loop -> checkpoint / eval. The `model` knows nothing of DPO,
+//! stages or ranks; rank topology lives in the `modpo-launcher` crate.
+
+pub mod config;
+pub mod data;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,394 @@
+//! The Llama 3 / Mistral decoder, in the layout of Hugging Face's `modeling_llama.py` and
+//! `modeling_mistral.py`: every module sits at the `VarStore` path that is its key in the HF
+//! checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ...), so loading is one loop over
+//! keys. Attention is `scaled_dot_product_attention` with an explicit boolean mask: causal,
+//! right padding, and Mistral's sliding window.
+
+use tch::{nn, Device, Kind, Tensor};
+
+use super::hf_config::{ModelConfig, RopeScaling};
+
+/// Every parameter of the decoder with its shape, in checkpoint key order.
+pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<i64>)> {
+    let c = config;
+    let (h, q, kv, ffn) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let mut shapes = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, h],
+    )];
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let mut push = |name: &str, shape: Vec<i64>| shapes.push((format!("{p}.{name}"), shape));
+        push("input_layernorm.weight", vec![h]);
+        for (name, out, inp, bias) in [
+            ("self_attn.q_proj", q, h, c.attention_bias),
+            ("self_attn.k_proj", kv, h, c.attention_bias),
+            ("self_attn.v_proj", kv, h, c.attention_bias),
+            ("self_attn.o_proj", h, q, c.attention_bias),
+            ("mlp.gate_proj", ffn, h, c.mlp_bias),
+            ("mlp.up_proj", ffn, h, c.mlp_bias),
+            ("mlp.down_proj", h, ffn, c.mlp_bias),
+        ] {
+            push(&format!("{name}.weight"), vec![out, inp]);
+            if bias {
+                push(&format!("{name}.bias"), vec![out]);
+            }
+        }
+        push("post_attention_layernorm.weight", vec![h]);
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![h]));
+    if !c.tie_word_embeddings {
+        shapes.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    shapes
+}
+
+/// A frozen (base) parameter, created uninitialised: the loader fills it from the checkpoint.
+fn frozen(path: &nn::Path, name: &str, shape: &[i64], kind: Kind) -> Tensor {
+    path.add(name, Tensor::empty(shape, (kind, path.device())), false)
+}
+
+/// `y = x W^T + b` with a frozen `W` of shape [out, in].
+#[derive(Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> Self {
+        Linear {
+            weight: frozen(&path, "weight", &[out_dim, in_dim], kind),
+            bias: bias.then(|| frozen(&path, "bias", &[out_dim], kind)),
+        }
+    }
+
+    /// x: [.., in] -> [.., out]
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// RMSNorm as in HF: normalise in f32, cast back, then scale.
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(path: nn::Path, dim: i64, eps: f64, kind: Kind) -> Self {
+        RmsNorm {
+            weight: frozen(&path, "weight", &[dim], kind),
+            eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x32 = x.to_kind(Kind::Float);
+        let variance = x32.square().mean_dim(-1, true, Kind::Float);
+        let normed = (x32 * (variance + self.eps).rsqrt()).to_kind(x.kind());
+        normed * &self.weight
+    }
+}
+
+/// Rotary position embedding tables (HF's rotate-half convention).
+#[derive(Debug)]
+pub struct Rotary {
+    /// [head_dim / 2], f32
+    inv_freq: Tensor,
+}
+
+impl Rotary {
+    pub fn new(config: &ModelConfig, device: Device) -> Self {
+        let half = config.head_dim / 2;
+        let dim = config.head_dim as f64;
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / dim))
+            .collect();
+        match config.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old_context,
+            } => {
+                // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the
+                // band in between interpolated (transformers `_compute_llama3_parameters`).
+                let low_freq_wavelen = old_context / low_freq_factor;
+                let high_freq_wavelen = old_context / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_freq_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_freq_wavelen {
+                        let smooth = (old_context / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        let inv_freq: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
+        Rotary {
+            inv_freq: Tensor::from_slice(&inv_freq).to_device(device),
+        }
+    }
+
+    /// cos and sin for positions `offset..offset + len`, each [len, head_dim], in `kind`.
+    pub fn tables(&self, offset: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
+        let positions =
+            Tensor::arange_start(offset, offset + len, (Kind::Float, self.inv_freq.device()));
+        let freqs = positions.outer(&self.inv_freq); // [len, head_dim / 2]
+        let angles = Tensor::cat(&[&freqs, &freqs], -1); // [len, head_dim]
+        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+    }
+}
+
+/// x: [b, heads, t, d]; cos, sin: [t, d]
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
+    x * cos + rotated * sin
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(path: nn::Path, c: &ModelConfig, kind: Kind) -> Self {
+        let (h, q, kv, bias) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.attention_bias,
+        );
+        Attention {
+            q_proj: Linear::new(&path / "q_proj", h, q, bias, kind),
+            k_proj: Linear::new(&path / "k_proj", h, kv, bias, kind),
+            v_proj: Linear::new(&path / "v_proj", h, kv, bias, kind),
+            o_proj: Linear::new(&path / "o_proj", q, h, bias, kind),
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    /// x: [b, t, hidden]; mask: [b, 1, t, t] bool (true = may attend) -> [b, t, hidden]
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let heads = |proj: &Linear, n: i64| {
+            proj.forward(x)
+                .view([b, t, n, self.head_dim])
+                .transpose(1, 2)
+        };
+        let q = apply_rotary(&heads(&self.q_proj, self.num_heads), cos, sin); // [b, nh, t, d]
+        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads), cos, sin); // [b, nkv, t, d]
+        let v = heads(&self.v_proj, self.num_kv_heads); // [b, nkv, t, d]
+                                                        // Grouped-query attention: each key/value head serves `group` consecutive query heads
+                                                        // (HF `repeat_kv`). Expanded here rather than with `enable_gqa`, which only the math and
+                                                        // flash kernels take, and flash takes no padding mask.
+        let group = self.num_heads / self.num_kv_heads;
+        let expand = |x: Tensor| -> Tensor {
+            if group == 1 {
+                return x;
+            }
+            x.unsqueeze(2)
+                .expand([b, self.num_kv_heads, group, t, self.head_dim], false)
+                .reshape([b, self.num_heads, t, self.head_dim])
+        };
+        let attn = Tensor::scaled_dot_product_attention(
+            &q,
+            &expand(k),
+            &expand(v),
+            Some(mask),
+            0.0,
+            false,
+            None,
+            false,
+        ); // [b, nh, t, d]
+        let merged = attn
+            .transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
+        self.o_proj.forward(&merged)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(path: nn::Path, c: &ModelConfig, kind: Kind) -> Self {
+        let (h, ffn, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Mlp {
+            gate_proj: Linear::new(&path / "gate_proj", h, ffn, bias, kind),
+            up_proj: Linear::new(&path / "up_proj", h, ffn, bias, kind),
+            down_proj: Linear::new(&path / "down_proj", ffn, h, bias, kind),
+        }
+    }
+
+    /// SwiGLU: down(silu(gate(x)) * up(x))
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(path: nn::Path, c: &ModelConfig, kind: Kind) -> Self {
+        DecoderLayer {
+            input_layernorm: RmsNorm::new(
+                &path / "input_layernorm",
+                c.hidden_size,
+                c.rms_norm_eps,
+                kind,
+            ),
+            self_attn: Attention::new(&path / "self_attn", c, kind),
+            post_attention_layernorm: RmsNorm::new(
+                &path / "post_attention_layernorm",
+                c.hidden_size,
+                c.rms_norm_eps,
+                kind,
+            ),
+            mlp: Mlp::new(&path / "mlp", c, kind),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+        let x = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), cos, sin, mask);
+        let mlp_out = self.mlp.forward(&self.post_attention_layernorm.forward(&x));
+        x + mlp_out
+    }
+}
+
+/// A causal language model: decoder plus LM head (tied to the embeddings or not).
+#[derive(Debug)]
+pub struct CausalLm {
+    config: ModelConfig,
+    kind: Kind,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<Linear>,
+    rotary: Rotary,
+}
+
+impl CausalLm {
+    /// Creates the (uninitialised, frozen) parameters under `root`; fill them with
+    /// [`super::load::load_weights`].
+    pub fn new(root: &nn::Path, config: &ModelConfig, kind: Kind) -> Self {
+        let model = root / "model";
+        let layers_path = &model / "layers";
+        CausalLm {
+            config: config.clone(),
+            kind,
+            embed_tokens: frozen(
+                &(&model / "embed_tokens"),
+                "weight",
+                &[config.vocab_size, config.hidden_size],
+                kind,
+            ),
+            layers: (0..config.num_layers)
+                .map(|i| DecoderLayer::new(&layers_path / i, config, kind))
+                .collect(),
+            norm: RmsNorm::new(
+                &model / "norm",
+                config.hidden_size,
+                config.rms_norm_eps,
+                kind,
+            ),
+            lm_head: (!config.tie_word_embeddings).then(|| {
+                Linear::new(
+                    root / "lm_head",
+                    config.hidden_size,
+                    config.vocab_size,
+                    false,
+                    kind,
+                )
+            }),
+            rotary: Rotary::new(config, root.device()),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Floating-point type of weights and activations.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The attention mask the decoder uses: [b, 1, t, t] bool, true where query i may attend
+    /// key j: j <= i (causal), key j is not padding, and (Mistral) i - j < sliding_window.
+    /// attention_mask: [b, t], 1 for tokens and 0 for right padding.
+    pub fn attention_mask(&self, attention_mask: &Tensor) -> Tensor {
+        let (b, t) = (attention_mask.size()[0], attention_mask.size()[1]);
+        let device = attention_mask.device();
+        let query = Tensor::arange(t, (Kind::Int64, device)).view([t, 1]);
+        let key = Tensor::arange(t, (Kind::Int64, device)).view([1, t]);
+        let mut allowed = key.le_tensor(&query); // [t, t]
+        if let Some(window) = self.config.sliding_window {
+            allowed = allowed.logical_and(&(&query - &key).lt(window));
+        }
+        let keys_valid = attention_mask.ne(0).view([b, 1, 1, t]);
+        allowed.view([1, 1, t, t]).logical_and(&keys_valid)
+    }
+
+    /// input_ids: [b, t] int64; attention_mask: [b, t] (1 token, 0 right padding)
+    /// -> final hidden states [b, t, hidden]
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let t = input_ids.size()[1];
+        let mask = self.attention_mask(attention_mask);
+        let (cos, sin) = self.rotary.tables(0, t, self.kind);
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &mask);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// hidden: [b, t, hidden] -> logits [b, t, vocab]
+    pub fn logits_from_hidden(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.linear::<&Tensor>(&self.embed_tokens, None),
+        }
+    }
+
+    /// input_ids, attention_mask: [b, t] -> logits [b, t, vocab]
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+        self.logits_from_hidden(&self.hidden_states(input_ids, attention_mask))
+    }
+}

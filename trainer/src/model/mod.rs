@@ -1,0 +1,67 @@
+//! The causal LM: Hugging Face config, the Llama 3 / Mistral decoder, checkpoint loading.
+//! Knows nothing of preference optimisation, stages or ranks.
+
+pub mod hf_config;
+pub mod llama;
+pub mod load;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+pub use hf_config::{Architecture, ModelConfig, RopeScaling};
+pub use llama::CausalLm;
+
+use crate::config::{DeviceChoice, DtypeChoice};
+
+/// The device a run uses: `auto` is CUDA device `local_rank` when a GPU is present.
+pub fn select_device(choice: DeviceChoice, local_rank: usize) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto if !tch::Cuda::is_available() => Ok(Device::Cpu),
+        DeviceChoice::Auto | DeviceChoice::Cuda => {
+            let count = tch::Cuda::device_count() as usize;
+            if count == 0 {
+                bail!("model.device = \"cuda\" but no CUDA device is available");
+            }
+            if local_rank >= count {
+                bail!("local rank {local_rank} has no GPU: this node has {count}");
+            }
+            Ok(Device::Cuda(local_rank))
+        }
+    }
+}
+
+/// The weight dtype: `auto` is f32 on CPU and bf16 on GPU.
+pub fn select_kind(choice: DtypeChoice, device: Device) -> Kind {
+    match (choice, device) {
+        (DtypeChoice::F32, _) | (DtypeChoice::Auto, Device::Cpu) => Kind::Float,
+        (DtypeChoice::Bf16, _) | (DtypeChoice::Auto, _) => Kind::BFloat16,
+    }
+}
+
+/// A model loaded from a Hugging Face directory, with the `VarStore` that owns its weights.
+pub struct LoadedModel {
+    pub vs: VarStore,
+    pub model: CausalLm,
+}
+
+/// Reads `dir/config.json`, builds the decoder and loads its safetensors weights.
+pub fn load_model(dir: &Path, device: Device, kind: Kind) -> Result<LoadedModel> {
+    let config = ModelConfig::from_model_dir(dir)?;
+    let vs = VarStore::new(device);
+    let model = CausalLm::new(&vs.root(), &config, kind);
+    load::load_weights(dir, &llama::parameter_shapes(&config), &vs)
+        .with_context(|| format!("cannot load the weights of {}", dir.display()))?;
+    Ok(LoadedModel { vs, model })
+}
+
+/// Log-probability of each next token: logits [b, t, vocab], input_ids [b, t]
+/// -> [b, t - 1], entry (i, j) = log p(input_ids[i, j + 1] | input_ids[i, ..=j]), in f32.
+pub fn next_token_logprobs(logits: &Tensor, input_ids: &Tensor) -> Tensor {
+    let t = logits.size()[1];
+    let predicted = logits.narrow(1, 0, t - 1).log_softmax(-1, Kind::Float); // [b, t-1, vocab]
+    let targets = input_ids.narrow(1, 1, t - 1).unsqueeze(-1); // [b, t-1, 1]
+    predicted.gather(-1, &targets, false).squeeze_dim(-1)
+}
