@@ -4,7 +4,7 @@
 //! The batch is right-padded with mixed lengths; only real token positions are compared.
 
 use modpo_tests::golden_model;
-use modpo_trainer::model::{load_model, next_token_logprobs};
+use modpo_trainer::model::{load_model, next_token_logprobs, Conditioning};
 use tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
@@ -23,8 +23,12 @@ fn check(name: &str) {
             .collect();
     let input_ids = &golden["input_ids"]; // [b, t]
     let attention_mask = &golden["attention_mask"]; // [b, t]
-    let loaded = load_model(&dir, Device::Cpu, Kind::Float).unwrap();
-    let logits = tch::no_grad(|| loaded.model.forward(input_ids, attention_mask)); // [b, t, vocab]
+    let loaded = load_model(&dir, None, Device::Cpu, Kind::Float).unwrap();
+    let logits = tch::no_grad(|| {
+        loaded
+            .model
+            .forward(input_ids, attention_mask, Conditioning::Reference)
+    }); // [b, t, vocab]
 
     let token_mask = attention_mask.to_kind(Kind::Float).unsqueeze(-1); // [b, t, 1]
     let logits_diff = max_abs_diff_on(&token_mask, &logits, &golden["logits"]);

@@ -29,7 +29,7 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
 }
 
 fn load_error(dir: &Path) -> String {
-    match load_model(dir, Device::Cpu, Kind::Float) {
+    match load_model(dir, None, Device::Cpu, Kind::Float) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(err) => format!("{err:#}"),
     }
@@ -38,7 +38,7 @@ fn load_error(dir: &Path) -> String {
 #[test]
 fn the_unbroken_copy_loads() {
     let (_tmp, dir) = copy_model();
-    load_model(&dir, Device::Cpu, Kind::Float).unwrap();
+    load_model(&dir, None, Device::Cpu, Kind::Float).unwrap();
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
+use super::adapter::{Adapter, AdapterSpec, ConditionedLinear, Conditioning};
 use super::hf_config::{ModelConfig, RopeScaling};
 
 /// Every parameter of the decoder with its shape, in checkpoint key order.
@@ -53,24 +54,31 @@ fn frozen(path: &nn::Path, name: &str, shape: &[i64], kind: Kind) -> Tensor {
     path.add(name, Tensor::empty(shape, (kind, path.device())), false)
 }
 
-/// `y = x W^T + b` with a frozen `W` of shape [out, in].
-#[derive(Debug)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+/// Where a module's base weights and (if any) adapters are created.
+#[derive(Clone)]
+struct Paths<'a> {
+    base: nn::Path<'a>,
+    adapter: Option<(nn::Path<'a>, &'a AdapterSpec)>,
 }
 
-impl Linear {
-    fn new(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> Self {
-        Linear {
-            weight: frozen(&path, "weight", &[out_dim, in_dim], kind),
-            bias: bias.then(|| frozen(&path, "bias", &[out_dim], kind)),
+impl<'a> Paths<'a> {
+    fn sub(&self, name: &str) -> Paths<'a> {
+        Paths {
+            base: &self.base / name,
+            adapter: self.adapter.as_ref().map(|(p, spec)| (p / name, *spec)),
         }
     }
 
-    /// x: [.., in] -> [.., out]
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+    /// A frozen projection [out, in] with adapters when the model has them.
+    fn projection(&self, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> ConditionedLinear {
+        ConditionedLinear {
+            weight: frozen(&self.base, "weight", &[out_dim, in_dim], kind),
+            bias: bias.then(|| frozen(&self.base, "bias", &[out_dim], kind)),
+            adapter: self
+                .adapter
+                .as_ref()
+                .map(|(path, spec)| Adapter::new(path, spec, in_dim, out_dim)),
+        }
     }
 }
 
@@ -143,37 +151,47 @@ impl Rotary {
     }
 
     /// cos and sin for positions `offset..offset + len`, each [len, head_dim], in `kind`.
-    pub fn tables(&self, offset: i64, len: i64, kind: Kind) -> (Tensor, Tensor) {
+    pub fn tables(&self, offset: i64, len: i64, kind: Kind) -> RopeTables {
         let positions =
             Tensor::arange_start(offset, offset + len, (Kind::Float, self.inv_freq.device()));
         let freqs = positions.outer(&self.inv_freq); // [len, head_dim / 2]
         let angles = Tensor::cat(&[&freqs, &freqs], -1); // [len, head_dim]
-        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
+        RopeTables {
+            cos: angles.cos().to_kind(kind),
+            sin: angles.sin().to_kind(kind),
+        }
     }
 }
 
-/// x: [b, heads, t, d]; cos, sin: [t, d]
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// cos and sin of the rotary angles, each [t, head_dim].
+#[derive(Debug)]
+pub struct RopeTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// x: [b, heads, t, d] rotated by the tables' angles (HF `apply_rotary_pos_emb`).
+fn apply_rotary(x: &Tensor, rope: &RopeTables) -> Tensor {
     let half = x.size()[3] / 2;
     let x1 = x.narrow(-1, 0, half);
     let x2 = x.narrow(-1, half, half);
     let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
-    x * cos + rotated * sin
+    x * &rope.cos + rotated * &rope.sin
 }
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: ConditionedLinear,
+    k_proj: ConditionedLinear,
+    v_proj: ConditionedLinear,
+    o_proj: ConditionedLinear,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
 }
 
 impl Attention {
-    fn new(path: nn::Path, c: &ModelConfig, kind: Kind) -> Self {
+    fn new(paths: &Paths, c: &ModelConfig, kind: Kind) -> Self {
         let (h, q, kv, bias) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
@@ -181,10 +199,10 @@ impl Attention {
             c.attention_bias,
         );
         Attention {
-            q_proj: Linear::new(&path / "q_proj", h, q, bias, kind),
-            k_proj: Linear::new(&path / "k_proj", h, kv, bias, kind),
-            v_proj: Linear::new(&path / "v_proj", h, kv, bias, kind),
-            o_proj: Linear::new(&path / "o_proj", q, h, bias, kind),
+            q_proj: paths.sub("q_proj").projection(h, q, bias, kind),
+            k_proj: paths.sub("k_proj").projection(h, kv, bias, kind),
+            v_proj: paths.sub("v_proj").projection(h, kv, bias, kind),
+            o_proj: paths.sub("o_proj").projection(q, h, bias, kind),
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
@@ -192,15 +210,15 @@ impl Attention {
     }
 
     /// x: [b, t, hidden]; mask: [b, 1, t, t] bool (true = may attend) -> [b, t, hidden]
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, cond: Conditioning) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let heads = |proj: &Linear, n: i64| {
-            proj.forward(x)
+        let heads = |proj: &ConditionedLinear, n: i64| {
+            proj.forward(x, cond)
                 .view([b, t, n, self.head_dim])
                 .transpose(1, 2)
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.num_heads), cos, sin); // [b, nh, t, d]
-        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads), cos, sin); // [b, nkv, t, d]
+        let q = apply_rotary(&heads(&self.q_proj, self.num_heads), rope); // [b, nh, t, d]
+        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads), rope); // [b, nkv, t, d]
         let v = heads(&self.v_proj, self.num_kv_heads); // [b, nkv, t, d]
                                                         // Grouped-query attention: each key/value head serves `group` consecutive query heads
                                                         // (HF `repeat_kv`). Expanded here rather than with `enable_gqa`, which only the math and
@@ -227,31 +245,31 @@ impl Attention {
         let merged = attn
             .transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&merged)
+        self.o_proj.forward(&merged, cond)
     }
 }
 
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: ConditionedLinear,
+    up_proj: ConditionedLinear,
+    down_proj: ConditionedLinear,
 }
 
 impl Mlp {
-    fn new(path: nn::Path, c: &ModelConfig, kind: Kind) -> Self {
+    fn new(paths: &Paths, c: &ModelConfig, kind: Kind) -> Self {
         let (h, ffn, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Mlp {
-            gate_proj: Linear::new(&path / "gate_proj", h, ffn, bias, kind),
-            up_proj: Linear::new(&path / "up_proj", h, ffn, bias, kind),
-            down_proj: Linear::new(&path / "down_proj", ffn, h, bias, kind),
+            gate_proj: paths.sub("gate_proj").projection(h, ffn, bias, kind),
+            up_proj: paths.sub("up_proj").projection(h, ffn, bias, kind),
+            down_proj: paths.sub("down_proj").projection(ffn, h, bias, kind),
         }
     }
 
     /// SwiGLU: down(silu(gate(x)) * up(x))
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    fn forward(&self, x: &Tensor, cond: Conditioning) -> Tensor {
+        let gated = self.gate_proj.forward(x, cond).silu() * self.up_proj.forward(x, cond);
+        self.down_proj.forward(&gated, cond)
     }
 }
 
@@ -264,80 +282,86 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(path: nn::Path, c: &ModelConfig, kind: Kind) -> Self {
+    fn new(paths: &Paths, c: &ModelConfig, kind: Kind) -> Self {
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         DecoderLayer {
-            input_layernorm: RmsNorm::new(
-                &path / "input_layernorm",
-                c.hidden_size,
-                c.rms_norm_eps,
-                kind,
-            ),
-            self_attn: Attention::new(&path / "self_attn", c, kind),
+            input_layernorm: RmsNorm::new(&paths.base / "input_layernorm", h, eps, kind),
+            self_attn: Attention::new(&paths.sub("self_attn"), c, kind),
             post_attention_layernorm: RmsNorm::new(
-                &path / "post_attention_layernorm",
-                c.hidden_size,
-                c.rms_norm_eps,
+                &paths.base / "post_attention_layernorm",
+                h,
+                eps,
                 kind,
             ),
-            mlp: Mlp::new(&path / "mlp", c, kind),
+            mlp: Mlp::new(&paths.sub("mlp"), c, kind),
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
-        let x = x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), cos, sin, mask);
-        let mlp_out = self.mlp.forward(&self.post_attention_layernorm.forward(&x));
+    fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, cond: Conditioning) -> Tensor {
+        let attn_in = self.input_layernorm.forward(x);
+        let x = x + self.self_attn.forward(&attn_in, rope, mask, cond);
+        let mlp_out = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x), cond);
         x + mlp_out
     }
 }
 
-/// A causal language model: decoder plus LM head (tied to the embeddings or not).
+/// A causal language model: decoder plus LM head (tied to the embeddings or not), with
+/// optional preference-conditioned adapters on every attention and MLP projection. The LM
+/// head and embeddings carry no adapter.
 #[derive(Debug)]
 pub struct CausalLm {
     config: ModelConfig,
     kind: Kind,
+    adapter_spec: Option<AdapterSpec>,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Option<Linear>,
+    lm_head: Option<Tensor>,
     rotary: Rotary,
 }
 
+/// Names of the seven projections of a layer, relative to `model.layers.{i}`.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 impl CausalLm {
-    /// Creates the (uninitialised, frozen) parameters under `root`; fill them with
-    /// [`super::load::load_weights`].
-    pub fn new(root: &nn::Path, config: &ModelConfig, kind: Kind) -> Self {
-        let model = root / "model";
-        let layers_path = &model / "layers";
+    /// Creates the (uninitialised, frozen) base parameters under `base` (fill them with
+    /// [`super::load::load_weights`]) and, when `adapters` is given, freshly initialised
+    /// adapters at the same module paths under the adapter store's root.
+    pub fn new(
+        base: &nn::Path,
+        adapters: Option<(&nn::Path, &AdapterSpec)>,
+        config: &ModelConfig,
+        kind: Kind,
+    ) -> Self {
+        let root = Paths {
+            base: base.clone(),
+            adapter: adapters.map(|(p, s)| (p.clone(), s)),
+        };
+        let model = root.sub("model");
+        let layers = model.sub("layers");
+        let (h, vocab) = (config.hidden_size, config.vocab_size);
         CausalLm {
             config: config.clone(),
             kind,
-            embed_tokens: frozen(
-                &(&model / "embed_tokens"),
-                "weight",
-                &[config.vocab_size, config.hidden_size],
-                kind,
-            ),
+            adapter_spec: adapters.map(|(_, spec)| spec.clone()),
+            embed_tokens: frozen(&(&model.base / "embed_tokens"), "weight", &[vocab, h], kind),
             layers: (0..config.num_layers)
-                .map(|i| DecoderLayer::new(&layers_path / i, config, kind))
+                .map(|i| DecoderLayer::new(&layers.sub(&i.to_string()), config, kind))
                 .collect(),
-            norm: RmsNorm::new(
-                &model / "norm",
-                config.hidden_size,
-                config.rms_norm_eps,
-                kind,
-            ),
-            lm_head: (!config.tie_word_embeddings).then(|| {
-                Linear::new(
-                    root / "lm_head",
-                    config.hidden_size,
-                    config.vocab_size,
-                    false,
-                    kind,
-                )
-            }),
-            rotary: Rotary::new(config, root.device()),
+            norm: RmsNorm::new(&model.base / "norm", h, config.rms_norm_eps, kind),
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| frozen(&(base / "lm_head"), "weight", &[vocab, h], kind)),
+            rotary: Rotary::new(config, base.device()),
         }
     }
 
@@ -348,6 +372,31 @@ impl CausalLm {
     /// Floating-point type of weights and activations.
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    pub fn adapter_spec(&self) -> Option<&AdapterSpec> {
+        self.adapter_spec.as_ref()
+    }
+
+    /// Every adapted projection with its HF module name (`model.layers.3.mlp.up_proj`).
+    pub fn projections(&self) -> Vec<(String, &ConditionedLinear)> {
+        let mut all = Vec::with_capacity(self.layers.len() * PROJECTIONS.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+            let modules = [
+                &attn.q_proj,
+                &attn.k_proj,
+                &attn.v_proj,
+                &attn.o_proj,
+                &mlp.gate_proj,
+                &mlp.up_proj,
+                &mlp.down_proj,
+            ];
+            for (name, module) in PROJECTIONS.iter().zip(modules) {
+                all.push((format!("model.layers.{i}.{name}"), module));
+            }
+        }
+        all
     }
 
     /// The attention mask the decoder uses: [b, 1, t, t] bool, true where query i may attend
@@ -368,27 +417,41 @@ impl CausalLm {
 
     /// input_ids: [b, t] int64; attention_mask: [b, t] (1 token, 0 right padding)
     /// -> final hidden states [b, t, hidden]
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        cond: Conditioning,
+    ) -> Tensor {
+        if let Conditioning::Weighted(w) = cond {
+            assert_eq!(
+                w.size()[0],
+                input_ids.size()[0],
+                "one weight vector per row"
+            );
+        }
         let t = input_ids.size()[1];
         let mask = self.attention_mask(attention_mask);
-        let (cos, sin) = self.rotary.tables(0, t, self.kind);
+        let rope = self.rotary.tables(0, t, self.kind);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask);
+            x = layer.forward(&x, &rope, &mask, cond);
         }
         self.norm.forward(&x)
     }
 
-    /// hidden: [b, t, hidden] -> logits [b, t, vocab]
+    /// hidden: [.., hidden] -> logits [.., vocab]
     pub fn logits_from_hidden(&self, hidden: &Tensor) -> Tensor {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.linear::<&Tensor>(&self.embed_tokens, None),
-        }
+        hidden.linear::<&Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
     }
 
     /// input_ids, attention_mask: [b, t] -> logits [b, t, vocab]
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Tensor {
-        self.logits_from_hidden(&self.hidden_states(input_ids, attention_mask))
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        cond: Conditioning,
+    ) -> Tensor {
+        self.logits_from_hidden(&self.hidden_states(input_ids, attention_mask, cond))
     }
 }

@@ -1,6 +1,7 @@
 //! The causal LM: Hugging Face config, the Llama 3 / Mistral decoder, checkpoint loading.
 //! Knows nothing of preference optimisation, stages or ranks.
 
+pub mod adapter;
 pub mod hf_config;
 pub mod llama;
 pub mod load;
@@ -10,6 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+pub use adapter::{AdapterSpec, Conditioning};
 pub use hf_config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::CausalLm;
 
@@ -41,20 +43,39 @@ pub fn select_kind(choice: DtypeChoice, device: Device) -> Kind {
     }
 }
 
-/// A model loaded from a Hugging Face directory, with the `VarStore` that owns its weights.
+/// A model loaded from a Hugging Face directory: the frozen base weights in one `VarStore`,
+/// the adapters (if any) in another, so checkpoints and optimizers see only the adapters.
 pub struct LoadedModel {
-    pub vs: VarStore,
+    pub base: VarStore,
+    pub adapters: VarStore,
     pub model: CausalLm,
 }
 
-/// Reads `dir/config.json`, builds the decoder and loads its safetensors weights.
-pub fn load_model(dir: &Path, device: Device, kind: Kind) -> Result<LoadedModel> {
+/// Reads `dir/config.json`, builds the decoder (with fresh adapters of `adapter_spec`, if
+/// given) and loads its safetensors weights.
+pub fn load_model(
+    dir: &Path,
+    adapter_spec: Option<&AdapterSpec>,
+    device: Device,
+    kind: Kind,
+) -> Result<LoadedModel> {
     let config = ModelConfig::from_model_dir(dir)?;
-    let vs = VarStore::new(device);
-    let model = CausalLm::new(&vs.root(), &config, kind);
-    load::load_weights(dir, &llama::parameter_shapes(&config), &vs)
+    let base = VarStore::new(device);
+    let adapters = VarStore::new(device);
+    let adapter_root = adapters.root();
+    let model = CausalLm::new(
+        &base.root(),
+        adapter_spec.map(|s| (&adapter_root, s)),
+        &config,
+        kind,
+    );
+    load::load_weights(dir, &llama::parameter_shapes(&config), &base)
         .with_context(|| format!("cannot load the weights of {}", dir.display()))?;
-    Ok(LoadedModel { vs, model })
+    Ok(LoadedModel {
+        base,
+        adapters,
+        model,
+    })
 }
 
 /// Log-probability of each next token: logits [b, t, vocab], input_ids [b, t]

@@ -1,0 +1,345 @@
+//! The preference-conditioned multi-LoRA linear of METHOD.md section 2:
+//!
+//! ```text
+//! out = W x + b + s * (B_0 A_0 x + sum_{i=1..k} w_i B_i A_i x),   s = alpha / r
+//! ```
+//!
+//! with a frozen base `W`, a shared block `(A_0, B_0)` (psi) and one block per preference
+//! dimension `(A_i, B_i)` (phi_i), and one weight vector `w` per row of the batch. The blocks
+//! are computed stacked, not in a loop: `x A_cat^T` is one GEMM to `(k+1) r` features, each
+//! row's rank blocks are scaled by `[1, w_1 .. w_k]`, and `B_cat` is one more GEMM. The DPO-Soup
+//! variant has no shared block (k blocks; rank 16, alpha 32 in the paper).
+//!
+//! Adapter parameters live in their own `VarStore` in f32 (master weights) and are cast to the
+//! activations' dtype in the forward, so a bf16 base trains f32 adapters.
+
+use tch::{nn, Kind, Tensor};
+
+/// Shape of the adapters attached to every projection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    /// LoRA rank r of each block.
+    pub rank: i64,
+    /// LoRA alpha: the update is scaled by alpha / r.
+    pub alpha: f64,
+    /// Number of preference dimensions k.
+    pub num_dimensions: i64,
+    /// Whether a shared block h_0 exists (false for DPO-Soup).
+    pub shared: bool,
+}
+
+impl AdapterSpec {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Blocks per projection: k, plus the shared one.
+    pub fn num_blocks(&self) -> i64 {
+        self.num_dimensions + i64::from(self.shared)
+    }
+}
+
+/// What the adapters contribute to a forward pass.
+#[derive(Debug, Clone, Copy)]
+pub enum Conditioning<'a> {
+    /// Adapters off: the base model, i.e. the reference policy.
+    Reference,
+    /// Only the shared block (w = 0); the dimension blocks are skipped, not multiplied by 0.
+    SharedOnly,
+    /// Shared block plus dimension blocks weighted per row: `weights` is [batch, k].
+    Weighted(&'a Tensor),
+}
+
+/// One block group's parameters: A [blocks * r, in], B [out, blocks * r].
+#[derive(Debug)]
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// The adapter blocks of one projection.
+#[derive(Debug)]
+pub struct Adapter {
+    spec: AdapterSpec,
+    /// psi: A_0 [r, in], B_0 [out, r]; absent for DPO-Soup.
+    pub shared: Option<LoraPair>,
+    /// phi_1..phi_k stacked: A [k r, in], B [out, k r]; block i is rows / columns i r..(i+1) r.
+    pub dimensions: LoraPair,
+}
+
+/// PEFT's LoRA init: A ~ Kaiming-uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so a
+/// fresh adapter leaves the model unchanged.
+fn lora_pair(path: &nn::Path, name: &str, rows: i64, in_dim: i64, out_dim: i64) -> LoraPair {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let a = path.var(
+        &format!("{name}_a"),
+        &[rows, in_dim],
+        nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    );
+    let b = path.var(&format!("{name}_b"), &[out_dim, rows], nn::Init::Const(0.0));
+    LoraPair { a, b }
+}
+
+impl Adapter {
+    /// Creates trainable f32 parameters `{path}.shared_a`, `shared_b`, `dims_a`, `dims_b`.
+    pub fn new(path: &nn::Path, spec: &AdapterSpec, in_dim: i64, out_dim: i64) -> Self {
+        let r = spec.rank;
+        Adapter {
+            spec: spec.clone(),
+            shared: spec
+                .shared
+                .then(|| lora_pair(path, "shared", r, in_dim, out_dim)),
+            dimensions: lora_pair(path, "dims", spec.num_dimensions * r, in_dim, out_dim),
+        }
+    }
+
+    /// The adapter's contribution s * sum_j c_j B_j A_j x for x: [b, t, in] -> [b, t, out], or
+    /// None when adapters are off.
+    pub fn forward(&self, x: &Tensor, conditioning: Conditioning) -> Option<Tensor> {
+        let kind = x.kind();
+        let scale = self.spec.scale();
+        match (conditioning, &self.shared) {
+            (Conditioning::Reference, _) => None,
+            (Conditioning::SharedOnly, None) => {
+                panic!("SharedOnly conditioning on an adapter without a shared block")
+            }
+            (Conditioning::SharedOnly, Some(shared)) => {
+                let h = x.matmul(&shared.a.to_kind(kind).tr()); // [b, t, r]
+                Some(h.matmul(&shared.b.to_kind(kind).tr()) * scale)
+            }
+            (Conditioning::Weighted(weights), shared) => {
+                let (a_cat, b_cat) = self.stacked(kind);
+                let h = x.matmul(&a_cat.tr()); // [b, t, blocks * r]
+                let row_scale = self.rank_scales(weights, shared.is_some()).to_kind(kind); // [b, blocks * r]
+                let h = h * row_scale.unsqueeze(1);
+                Some(h.matmul(&b_cat.tr()) * scale) // [b, t, out]
+            }
+        }
+    }
+
+    /// A_cat [blocks r, in] and B_cat [out, blocks r], shared block first.
+    pub fn stacked(&self, kind: Kind) -> (Tensor, Tensor) {
+        let d = &self.dimensions;
+        match &self.shared {
+            Some(s) => (
+                Tensor::cat(&[&s.a, &d.a], 0).to_kind(kind),
+                Tensor::cat(&[&s.b, &d.b], 1).to_kind(kind),
+            ),
+            None => (d.a.to_kind(kind), d.b.to_kind(kind)),
+        }
+    }
+
+    /// weights [b, k] -> per-rank-feature scales [b, blocks r]: `[1, w_1 .. w_k]` (or
+    /// `[w_1 .. w_k]` without a shared block), each repeated r times.
+    fn rank_scales(&self, weights: &Tensor, with_shared: bool) -> Tensor {
+        let b = weights.size()[0];
+        let w = weights.to_kind(Kind::Float);
+        let per_block = if with_shared {
+            Tensor::cat(&[&Tensor::ones([b, 1], (Kind::Float, w.device())), &w], 1)
+        } else {
+            w
+        }; // [b, blocks]
+        per_block.repeat_interleave_self_int(self.spec.rank, 1, None)
+    }
+
+    /// The dense update `s * (B_0 A_0 + sum_i w_i B_i A_i)` [out, in] for one weight vector `w`
+    /// (length k): what a merged model adds to `W`.
+    pub fn delta_weight(&self, w: &[f64]) -> Tensor {
+        let mut scales = Vec::with_capacity(self.spec.num_blocks() as usize);
+        if self.shared.is_some() {
+            scales.push(1.0);
+        }
+        scales.extend_from_slice(w);
+        let r = self.spec.rank;
+        let scales: Vec<f32> = scales
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s as f32, r as usize))
+            .collect();
+        let (a_cat, b_cat) = self.stacked(Kind::Float);
+        let scales = Tensor::from_slice(&scales).to_device(a_cat.device()); // [blocks r]
+        (b_cat * scales.unsqueeze(0)).matmul(&a_cat) * self.spec.scale()
+    }
+}
+
+/// A frozen linear with optional adapters: the projection type of the decoder.
+#[derive(Debug)]
+pub struct ConditionedLinear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub adapter: Option<Adapter>,
+}
+
+impl ConditionedLinear {
+    /// x: [b, t, in] -> [b, t, out]
+    pub fn forward(&self, x: &Tensor, conditioning: Conditioning) -> Tensor {
+        let base = x.linear(&self.weight, self.bias.as_ref());
+        match self
+            .adapter
+            .as_ref()
+            .and_then(|a| a.forward(x, conditioning))
+        {
+            Some(update) => base + update,
+            None => base,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    fn random_adapter(vs: &VarStore, spec: &AdapterSpec, in_dim: i64, out_dim: i64) -> Adapter {
+        let adapter = Adapter::new(&vs.root(), spec, in_dim, out_dim);
+        tch::no_grad(|| {
+            // B = 0 at init would make every comparison trivially equal.
+            for pair in adapter.shared.iter().chain([&adapter.dimensions]) {
+                pair.b
+                    .shallow_clone()
+                    .copy_(&(Tensor::randn(pair.b.size(), (Kind::Float, Device::Cpu)) * 0.5));
+            }
+        });
+        adapter
+    }
+
+    /// The naive formula of METHOD.md: W x + s (B_0 A_0 x + sum_i w_i B_i A_i x), one block and
+    /// one row at a time.
+    fn naive(layer: &ConditionedLinear, spec: &AdapterSpec, x: &Tensor, w: &Tensor) -> Tensor {
+        let adapter = layer.adapter.as_ref().unwrap();
+        let r = spec.rank;
+        let rows: Vec<Tensor> = (0..x.size()[0])
+            .map(|row| {
+                let xr = x.get(row); // [t, in]
+                let mut out = xr.linear(&layer.weight, layer.bias.as_ref());
+                if let Some(shared) = &adapter.shared {
+                    out += xr.matmul(&shared.a.tr()).matmul(&shared.b.tr()) * spec.scale();
+                }
+                for i in 0..spec.num_dimensions {
+                    let a_i = adapter.dimensions.a.narrow(0, i * r, r);
+                    let b_i = adapter.dimensions.b.narrow(1, i * r, r);
+                    let w_i = w.double_value(&[row, i]);
+                    out += xr.matmul(&a_i.tr()).matmul(&b_i.tr()) * (w_i * spec.scale());
+                }
+                out
+            })
+            .collect();
+        Tensor::stack(&rows, 0)
+    }
+
+    fn layer(vs: &VarStore, spec: &AdapterSpec) -> ConditionedLinear {
+        ConditionedLinear {
+            weight: Tensor::randn([24, 16], (Kind::Float, Device::Cpu)),
+            bias: Some(Tensor::randn([24], (Kind::Float, Device::Cpu))),
+            adapter: Some(random_adapter(vs, spec, 16, 24)),
+        }
+    }
+
+    #[test]
+    fn stacked_equals_naive_sum_for_mixed_rows() {
+        tch::manual_seed(0);
+        for shared in [true, false] {
+            let spec = AdapterSpec {
+                rank: 4,
+                alpha: 8.0,
+                num_dimensions: 3,
+                shared,
+            };
+            let vs = VarStore::new(Device::Cpu);
+            let layer = layer(&vs, &spec);
+            let x = Tensor::randn([4, 5, 16], (Kind::Float, Device::Cpu));
+            // Rows: a vertex, the centre, an interior point, and w = 0.
+            let w = Tensor::from_slice(&[
+                1.0f32,
+                0.0,
+                0.0,
+                1. / 3.,
+                1. / 3.,
+                1. / 3.,
+                0.2,
+                0.5,
+                0.3,
+                0.0,
+                0.0,
+                0.0,
+            ])
+            .view([4, 3]);
+            let stacked = tch::no_grad(|| layer.forward(&x, Conditioning::Weighted(&w)));
+            let expected = tch::no_grad(|| naive(&layer, &spec, &x, &w));
+            let diff = (stacked - expected).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "shared={shared}: max abs diff {diff}");
+        }
+    }
+
+    #[test]
+    fn shared_only_equals_zero_weights_and_reference_is_the_base() {
+        tch::manual_seed(1);
+        let spec = AdapterSpec {
+            rank: 2,
+            alpha: 16.0,
+            num_dimensions: 2,
+            shared: true,
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let layer = layer(&vs, &spec);
+        let x = Tensor::randn([3, 4, 16], (Kind::Float, Device::Cpu));
+        let zeros = Tensor::zeros([3, 2], (Kind::Float, Device::Cpu));
+        let shared_only = layer.forward(&x, Conditioning::SharedOnly);
+        let weighted = layer.forward(&x, Conditioning::Weighted(&zeros));
+        assert!((&shared_only - weighted).abs().max().double_value(&[]) <= 1e-5);
+        let base = x.linear(&layer.weight, layer.bias.as_ref());
+        assert!(layer.forward(&x, Conditioning::Reference).equal(&base));
+        assert!(
+            !shared_only.allclose(&base, 1e-3, 1e-3, false),
+            "the shared block contributes"
+        );
+    }
+
+    #[test]
+    fn delta_weight_is_the_merged_update() {
+        tch::manual_seed(2);
+        let spec = AdapterSpec {
+            rank: 3,
+            alpha: 6.0,
+            num_dimensions: 2,
+            shared: true,
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let layer = layer(&vs, &spec);
+        let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+        let w = [0.3, 0.7];
+        let rows = Tensor::from_slice(&[0.3f32, 0.7, 0.3, 0.7]).view([2, 2]);
+        let adapted = layer.forward(&x, Conditioning::Weighted(&rows));
+        let merged = x.linear(
+            &(&layer.weight + layer.adapter.as_ref().unwrap().delta_weight(&w)),
+            layer.bias.as_ref(),
+        );
+        assert!((adapted - merged).abs().max().double_value(&[]) <= 1e-5);
+    }
+
+    #[test]
+    fn fresh_adapters_leave_the_model_unchanged() {
+        let spec = AdapterSpec {
+            rank: 8,
+            alpha: 16.0,
+            num_dimensions: 2,
+            shared: true,
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let layer = ConditionedLinear {
+            weight: Tensor::randn([8, 8], (Kind::Float, Device::Cpu)),
+            bias: None,
+            adapter: Some(Adapter::new(&vs.root(), &spec, 8, 8)),
+        };
+        let x = Tensor::randn([2, 3, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::from_slice(&[0.5f32, 0.5, 1.0, 0.0]).view([2, 2]);
+        assert!(layer
+            .forward(&x, Conditioning::Weighted(&w))
+            .equal(&layer.forward(&x, Conditioning::Reference)));
+        let a = &layer.adapter.as_ref().unwrap().dimensions.a;
+        let bound = 1.0 / 8f64.sqrt();
+        assert!(a.abs().max().double_value(&[]) <= bound && a.abs().max().double_value(&[]) > 0.0);
+    }
+}
