@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
 use tch::{nn::VarStore, Kind, Tensor};
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -136,6 +137,36 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// A digest that changes when the weights change, without hashing gigabytes: each file's
+    /// name, length and safetensors header (names, dtypes, shapes, offsets) plus 16 evenly
+    /// spaced 64 KiB samples of its data, and `config.json`.
+    pub fn fingerprint(&self, config_json: &[u8]) -> String {
+        const SAMPLES: usize = 16;
+        const SAMPLE_BYTES: usize = 64 * 1024;
+        let mut hasher = Sha256::new();
+        hasher.update(config_json);
+        for (path, map) in &self.files {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            hasher.update(name.as_bytes());
+            hasher.update((map.len() as u64).to_le_bytes());
+            let header_len = map
+                .get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+                .unwrap_or(0);
+            let header_end = (8 + header_len).min(map.len());
+            hasher.update(&map[..header_end]);
+            let data = &map[header_end..];
+            for i in 0..SAMPLES {
+                let start = data.len() * i / SAMPLES;
+                hasher.update(&data[start..(start + SAMPLE_BYTES).min(data.len())]);
+            }
+        }
+        hex::encode(&hasher.finalize()[..16])
+    }
+
     fn file_list(&self) -> String {
         let names: Vec<String> = self
             .files
@@ -144,13 +175,6 @@ impl Checkpoint {
             .collect();
         names.join(", ")
     }
-}
-
-/// Verifies the checkpoint of `dir` against `expected` and loads it into `vs`.
-pub fn load_weights(dir: &Path, expected: &[(String, Vec<i64>)], vs: &VarStore) -> Result<()> {
-    let checkpoint = Checkpoint::open(dir)?;
-    checkpoint.verify(expected)?;
-    checkpoint.copy_into(vs)
 }
 
 fn kind_of(dtype: Dtype) -> Result<Kind> {

@@ -49,6 +49,8 @@ pub struct LoadedModel {
     pub base: VarStore,
     pub adapters: VarStore,
     pub model: CausalLm,
+    /// Changes when the config or weights change: keys caches of model outputs.
+    pub fingerprint: String,
 }
 
 /// Reads `dir/config.json`, builds the decoder (with fresh adapters of `adapter_spec`, if
@@ -60,6 +62,7 @@ pub fn load_model(
     kind: Kind,
 ) -> Result<LoadedModel> {
     let config = ModelConfig::from_model_dir(dir)?;
+    let config_json = std::fs::read(dir.join("config.json"))?;
     let base = VarStore::new(device);
     let adapters = VarStore::new(device);
     let adapter_root = adapters.root();
@@ -69,12 +72,17 @@ pub fn load_model(
         &config,
         kind,
     );
-    load::load_weights(dir, &llama::parameter_shapes(&config), &base)
+    let checkpoint = load::Checkpoint::open(dir)?;
+    checkpoint
+        .verify(&llama::parameter_shapes(&config))
+        .and_then(|()| checkpoint.copy_into(&base))
         .with_context(|| format!("cannot load the weights of {}", dir.display()))?;
+    let fingerprint = checkpoint.fingerprint(&config_json);
     Ok(LoadedModel {
         base,
         adapters,
         model,
+        fingerprint,
     })
 }
 
