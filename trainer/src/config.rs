@@ -51,6 +51,7 @@ pub struct ModelSection {
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub model: ModelSection,
+    pub data: crate::data::DataConfig,
 }
 
 impl RunConfig {
@@ -63,6 +64,7 @@ impl RunConfig {
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.model.path = resolve(base, &config.model.path);
+        config.data.resolve_paths(base);
         config
             .validate()
             .with_context(|| format!("invalid config {}", path.display()))?;

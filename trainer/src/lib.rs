@@ -4,7 +4,11 @@
 //! of stages and passes) -> train loop -> checkpoint / eval. The `model` knows nothing of DPO,
 //! stages or ranks; rank topology lives in the `modpo-launcher` crate.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod export;
+pub mod logps;
 pub mod model;
+pub mod reference;
 pub mod tokenizer;

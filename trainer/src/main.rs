@@ -1,13 +1,17 @@
 //! `modpo-trainer`: the command line. Each subcommand parses its arguments, calls the library
 //! and reports errors with their full context chain and a non-zero exit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use modpo_trainer::checkpoint::{self, ADAPTERS_FILE};
+use modpo_trainer::config::RunConfig;
+use modpo_trainer::export;
 use modpo_trainer::model::{self, load::Checkpoint, ModelConfig};
 use modpo_trainer::tokenizer::{ChatMessage, ChatTokenizer};
+use tch::{Device, Kind};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +35,37 @@ enum Command {
         #[arg(long)]
         chat_template: Option<PathBuf>,
     },
+    /// Inspect a run's preference data.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Write the model for one preference weight vector as a PEFT LoRA adapter (or, with
+    /// --merge, as full merged Hugging Face safetensors).
+    Export {
+        /// A run directory (holding adapters.safetensors).
+        #[arg(long)]
+        run: PathBuf,
+        /// The weight vector w, one value per dimension, on the simplex: e.g. 0.3,0.7.
+        #[arg(long)]
+        weights: String,
+        /// Output directory; must not exist or be empty.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write merged full weights instead of an adapter.
+        #[arg(long)]
+        merge: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print rows, pairs, agree / conflict / tied counts, per-dimension preferences,
+    /// conflicts per dimension pair, token-length percentiles and truncation.
+    Inspect {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +81,15 @@ fn main() -> ExitCode {
             model,
             chat_template,
         } => info(&model, chat_template.as_deref()),
+        Command::Data {
+            command: DataCommand::Inspect { config },
+        } => inspect_data(&config),
+        Command::Export {
+            run,
+            weights,
+            out,
+            merge,
+        } => export(&run, &weights, &out, merge),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -56,7 +100,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn info(dir: &std::path::Path, template_file: Option<&std::path::Path>) -> Result<()> {
+fn info(dir: &Path, template_file: Option<&Path>) -> Result<()> {
     let config = ModelConfig::from_model_dir(dir)?;
     let shapes = model::llama::parameter_shapes(&config);
     // Keys and shapes are checked against the file headers; no weight is read.
@@ -111,5 +155,57 @@ fn info(dir: &std::path::Path, template_file: Option<&std::path::Path>) -> Resul
         "sample prompt    {} tokens, rendered:\n{rendered}",
         ids.len()
     );
+    Ok(())
+}
+
+fn inspect_data(config_path: &Path) -> Result<()> {
+    let config = RunConfig::load(config_path)?;
+    let tokenizer =
+        ChatTokenizer::from_model_dir(&config.model.path, config.model.chat_template.as_deref())?;
+    print!(
+        "{}",
+        modpo_trainer::data::inspect(&config.data, &tokenizer)?
+    );
+    Ok(())
+}
+
+fn export(run: &Path, weights: &str, out: &Path, merge: bool) -> Result<()> {
+    let adapters_path = run.join(ADAPTERS_FILE);
+    let meta = checkpoint::read_adapter_meta(&adapters_path)?;
+    let w = export::parse_weights(weights)?;
+    export::validate_weights(&w, &meta.dimensions).context("--weights")?;
+    // Never write into a directory that already holds something.
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{} already exists and is not empty: choose a new --out",
+            out.display()
+        );
+    }
+    let spec = meta.spec();
+    let loaded = model::load_model(&meta.model_path, Some(&spec), Device::Cpu, Kind::Float)?;
+    if loaded.fingerprint != meta.model_fingerprint {
+        bail!(
+            "{} was trained on a different model than {} (fingerprints {} vs {})",
+            adapters_path.display(),
+            meta.model_path.display(),
+            meta.model_fingerprint,
+            loaded.fingerprint
+        );
+    }
+    checkpoint::load_adapters(&adapters_path, &loaded.adapters)?;
+    if merge {
+        export::write_merged_model(&loaded.model, &loaded.base, &w, &meta.model_path, out)?;
+        println!("merged model for w = {w:?} written to {}", out.display());
+    } else {
+        export::write_peft_adapter(&loaded.model, &w, &meta.model_path, out)?;
+        println!(
+            "PEFT LoRA adapter for w = {w:?} written to {}",
+            out.display()
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,115 @@
+//! Exports checked by the tools that will serve them: our PEFT adapters loaded by `peft`, and
+//! our merged models loaded by `transformers`, give the logits we compute for the same `w`
+//! (vertices and interior points), on the golden tiny Llama with random, non-zero adapters.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use modpo_tests::golden_model;
+use modpo_trainer::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
+use modpo_trainer::export;
+use modpo_trainer::model::{load_model, AdapterSpec, Conditioning};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn peft_and_merged_exports_reproduce_our_logits() {
+    let base_dir = golden_model("llama3_untied_sharded");
+    let tmp = tempfile::tempdir().unwrap();
+    let dimensions = vec!["helpfulness".to_string(), "harmlessness".to_string()];
+    let spec = AdapterSpec {
+        rank: 4,
+        alpha: 8.0,
+        num_dimensions: 2,
+        shared: true,
+    };
+    let loaded = load_model(&base_dir, Some(&spec), Device::Cpu, Kind::Float).unwrap();
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        for (_, mut var) in loaded.adapters.variables() {
+            var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.3));
+        }
+    });
+    // Through the adapter file, as `modpo-trainer export` reads it.
+    let run = tmp.path().join("run");
+    let meta = AdapterMeta::new(&base_dir, &loaded.fingerprint, &dimensions, &spec);
+    checkpoint::save_adapters(&run.join(ADAPTERS_FILE), &loaded.adapters, &meta).unwrap();
+    let reloaded = load_model(
+        &base_dir,
+        Some(
+            &checkpoint::read_adapter_meta(&run.join(ADAPTERS_FILE))
+                .unwrap()
+                .spec(),
+        ),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    checkpoint::load_adapters(&run.join(ADAPTERS_FILE), &reloaded.adapters).unwrap();
+
+    let golden: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(base_dir.join("golden.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let (input_ids, attention_mask) = (&golden["input_ids"], &golden["attention_mask"]);
+    let rows = input_ids.size()[0];
+    let mut ours = vec![
+        ("input_ids".to_string(), input_ids.shallow_clone()),
+        ("attention_mask".to_string(), attention_mask.shallow_clone()),
+    ];
+    let mut exports = Vec::new();
+    let weights: [[f64; 2]; 4] = [[1.0, 0.0], [0.0, 1.0], [0.3, 0.7], [0.5, 0.5]];
+    for (index, w) in weights.iter().enumerate() {
+        let w_rows = Tensor::from_slice(&[w[0] as f32, w[1] as f32])
+            .unsqueeze(0)
+            .repeat([rows, 1]);
+        let logits = tch::no_grad(|| {
+            reloaded
+                .model
+                .forward(input_ids, attention_mask, Conditioning::Weighted(&w_rows))
+        });
+        let kind = if index % 2 == 0 { "peft" } else { "merged" };
+        let out: PathBuf = tmp.path().join(format!("{kind}_{index}"));
+        if kind == "peft" {
+            export::write_peft_adapter(&reloaded.model, w, &base_dir, &out).unwrap();
+        } else {
+            export::write_merged_model(&reloaded.model, &reloaded.base, w, &base_dir, &out)
+                .unwrap();
+        }
+        ours.push((format!("logits_{index}"), logits));
+        exports.push(format!("{kind}={}", out.display()));
+    }
+    // Also check both formats at an interior point.
+    let w = [0.3, 0.7];
+    let out = tmp.path().join("merged_interior");
+    export::write_merged_model(&reloaded.model, &reloaded.base, &w, &base_dir, &out).unwrap();
+    ours.push((
+        format!("logits_{}", exports.len()),
+        ours[2 + 2].1.shallow_clone(),
+    ));
+    exports.push(format!("merged={}", out.display()));
+
+    let ours_path = tmp.path().join("ours.safetensors");
+    Tensor::write_safetensors(&ours, &ours_path).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/check_exports.py");
+    let output = Command::new("python3")
+        .arg(&script)
+        .arg(&base_dir)
+        .arg(&ours_path)
+        .args(&exports)
+        .output()
+        .expect("python3 from .venv (run through `make test`)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "exports differ from our logits:\n{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.contains("max abs logits diff"))
+            .count(),
+        exports.len()
+    );
+}

@@ -1,0 +1,217 @@
+//! Serving the model for one weight vector `w` with tools that know nothing of modpo.
+//!
+//! - A standard PEFT LoRA adapter of rank `R = blocks * r`: `A = [A_0; A_1; ...; A_k]` and
+//!   `B = s [B_0, w_1 B_1, ..., w_k B_k]` (the scale `s = alpha / r` and the weights folded into
+//!   B, `lora_alpha = R` so PEFT's own scaling is 1). Then `B A x = s (B_0 A_0 + sum_i w_i B_i
+//!   A_i) x`, exactly `pi(. ; w)`.
+//! - With `merge`, full Hugging Face safetensors with `W + delta(w)` on every projection, in the
+//!   checkpoint's own dtype, beside copies of the config and tokenizer files.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+use crate::model::llama::PROJECTIONS;
+use crate::model::CausalLm;
+
+/// Checks `weights` is a point of the simplex over `dimensions`: the right length, each entry
+/// finite and >= 0, summing to 1 (within 1e-6).
+pub fn validate_weights(weights: &[f64], dimensions: &[String]) -> Result<()> {
+    if weights.len() != dimensions.len() {
+        bail!(
+            "weights have {} values but the run has k = {} dimensions ({})",
+            weights.len(),
+            dimensions.len(),
+            dimensions.join(", ")
+        );
+    }
+    if let Some(bad) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
+        bail!("weights must be non-negative numbers, got {bad} in {weights:?}");
+    }
+    let sum: f64 = weights.iter().sum();
+    if (sum - 1.0).abs() > 1e-6 {
+        bail!("weights {weights:?} are not on the simplex: they sum to {sum}, not 1");
+    }
+    Ok(())
+}
+
+/// Parses `0.3,0.7` into numbers, naming the entry that is not one.
+pub fn parse_weights(text: &str) -> Result<Vec<f64>> {
+    text.split(',')
+        .map(|item| {
+            item.trim()
+                .parse::<f64>()
+                .with_context(|| format!("weight `{}` in `{text}` is not a number", item.trim()))
+        })
+        .collect()
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` of the PEFT adapter for `w`.
+pub fn write_peft_adapter(
+    model: &CausalLm,
+    w: &[f64],
+    base_model: &Path,
+    out: &Path,
+) -> Result<()> {
+    let spec = model
+        .adapter_spec()
+        .context("the model has no adapters to export")?;
+    let rank = spec.num_blocks() * spec.rank;
+    let mut tensors = Vec::new();
+    for (name, projection) in model.projections() {
+        let adapter = projection
+            .adapter
+            .as_ref()
+            .expect("every projection is adapted");
+        let (a_cat, b_cat) = adapter.stacked(Kind::Float); // [R, in], [out, R]
+        let column_scales = block_scales(w, spec.shared, spec.rank, spec.scale()); // [R]
+        let b_scaled = b_cat * Tensor::from_slice(&column_scales).unsqueeze(0);
+        let key = format!("base_model.model.{name}");
+        tensors.push((format!("{key}.lora_A.weight"), a_cat.contiguous()));
+        tensors.push((format!("{key}.lora_B.weight"), b_scaled.contiguous()));
+    }
+    let target_modules: Vec<&str> = PROJECTIONS
+        .iter()
+        .map(|p| p.rsplit('.').next().unwrap())
+        .collect();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model.display().to_string(),
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "target_modules": target_modules,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "modules_to_save": null,
+    });
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(
+        out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )
+    .with_context(|| format!("cannot write {}", out.join("adapter_config.json").display()))?;
+    Tensor::write_safetensors(&tensors, out.join("adapter_model.safetensors")).with_context(
+        || {
+            format!(
+                "cannot write {}",
+                out.join("adapter_model.safetensors").display()
+            )
+        },
+    )?;
+    Ok(())
+}
+
+/// `s * [1, w_1 .. w_k]` (without the 1 when there is no shared block), each repeated r times.
+fn block_scales(w: &[f64], shared: bool, rank: i64, scale: f64) -> Vec<f32> {
+    let blocks = shared.then_some(1.0).into_iter().chain(w.iter().copied());
+    blocks
+        .flat_map(|b| std::iter::repeat_n((b * scale) as f32, rank as usize))
+        .collect()
+}
+
+/// Writes the merged model for `w` into `out`: `model.safetensors` with every projection's
+/// weight replaced by `W + delta(w)`, in the dtype each tensor has in `base_model`, plus copies
+/// of the config, generation config and tokenizer files.
+pub fn write_merged_model(
+    model: &CausalLm,
+    base_vars: &tch::nn::VarStore,
+    w: &[f64],
+    base_model: &Path,
+    out: &Path,
+) -> Result<()> {
+    let original = crate::model::load::Checkpoint::open(base_model)?.tensors()?;
+    let mut merged: std::collections::BTreeMap<String, Tensor> = base_vars
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.detach()))
+        .collect();
+    for (name, projection) in model.projections() {
+        let adapter = projection
+            .adapter
+            .as_ref()
+            .expect("every projection is adapted");
+        let key = format!("{name}.weight");
+        let weight = merged
+            .get(&key)
+            .with_context(|| format!("no base weight `{key}`"))?;
+        let delta = adapter.delta_weight(w).to_device(weight.device()); // [out, in] f32
+        let updated = weight.to_kind(Kind::Float) + delta;
+        merged.insert(key, updated);
+    }
+    let tensors: Vec<(String, Tensor)> = merged
+        .into_iter()
+        .map(|(name, t)| {
+            let kind = match original.get(&name).map(|info| info.dtype) {
+                Some(safetensors::Dtype::BF16) => Kind::BFloat16,
+                Some(safetensors::Dtype::F16) => Kind::Half,
+                _ => Kind::Float,
+            };
+            (
+                name,
+                t.to_kind(kind).to_device(tch::Device::Cpu).contiguous(),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
+        let source = base_model.join(file);
+        if source.is_file() {
+            std::fs::copy(&source, out.join(file))
+                .with_context(|| format!("cannot copy {}", source.display()))?;
+        }
+    }
+    Tensor::write_safetensors(&tensors, out.join("model.safetensors"))
+        .with_context(|| format!("cannot write {}", out.join("model.safetensors").display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn weights_off_the_simplex_are_refused() {
+        let d = dims(&["helpfulness", "harmlessness"]);
+        assert!(validate_weights(&[0.3, 0.7], &d).is_ok());
+        let err = validate_weights(&[0.3, 0.3, 0.4], &d)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 values") && err.contains("k = 2"), "{err}");
+        let err = validate_weights(&[0.5, 0.6], &d).unwrap_err().to_string();
+        assert!(
+            err.contains("not on the simplex") && err.contains("1.1"),
+            "{err}"
+        );
+        let err = validate_weights(&[1.5, -0.5], &d).unwrap_err().to_string();
+        assert!(err.contains("non-negative"), "{err}");
+        let err = parse_weights("0.3,x").unwrap_err().to_string();
+        assert!(err.contains("`x`"), "{err}");
+    }
+
+    #[test]
+    fn block_scales_fold_scale_and_weights() {
+        assert_eq!(
+            block_scales(&[0.25, 0.75], true, 2, 2.0),
+            vec![2.0, 2.0, 0.5, 0.5, 1.5, 1.5]
+        );
+        assert_eq!(block_scales(&[0.25, 0.75], false, 1, 2.0), vec![0.5, 1.5]);
+    }
+}
