@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod export;
 pub mod logps;
+pub mod loss;
 pub mod model;
 pub mod reference;
 pub mod tokenizer;
