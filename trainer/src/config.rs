@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Which device the model runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// CUDA device of this rank when a GPU is present, else CPU.
@@ -21,7 +21,7 @@ pub enum DeviceChoice {
 }
 
 /// Floating-point type of the frozen base weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DtypeChoice {
     /// f32 on CPU, bf16 on GPU.
@@ -32,7 +32,7 @@ pub enum DtypeChoice {
 }
 
 /// `[model]`: where the Hugging Face model directory is and how to run it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
@@ -47,38 +47,52 @@ pub struct ModelSection {
 }
 
 /// The whole run configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub model: ModelSection,
     pub data: crate::data::DataConfig,
+    pub method: crate::method::MethodConfig,
+    pub train: crate::train::TrainConfig,
 }
 
 impl RunConfig {
-    /// Reads and validates a TOML file; relative paths inside it are resolved against the
-    /// file's directory so a config works from any working directory.
+    /// Reads a TOML file and checks it, including that the model directory exists. Relative
+    /// paths inside it are resolved against the file's directory, so a config works from any
+    /// working directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let mut config: RunConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let config = Self::parse(&text, path)?;
+        if !config.model.path.is_dir() {
+            bail!(
+                "invalid config {}: model.path: {} is not a directory",
+                path.display(),
+                config.model.path.display()
+            );
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates the values of a config's text (`origin` names the file in errors
+    /// and anchors relative paths); touches no other file.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let mut config: RunConfig = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", origin.display(), e.to_string().trim_end()))?;
+        let base = origin.parent().unwrap_or(Path::new("."));
         config.model.path = resolve(base, &config.model.path);
         config.data.resolve_paths(base);
+        config.train.output_dir = resolve(base, &config.train.output_dir);
         config
             .validate()
-            .with_context(|| format!("invalid config {}", path.display()))?;
+            .with_context(|| format!("invalid config {}", origin.display()))?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<()> {
-        if !self.model.path.is_dir() {
-            bail!(
-                "model.path: {} is not a directory",
-                self.model.path.display()
-            );
-        }
-        Ok(())
+        self.data.validate()?;
+        self.method.validate()?;
+        self.train.validate()
     }
 }
 
@@ -88,5 +102,69 @@ pub fn resolve(base: &Path, path: &Path) -> PathBuf {
         path.to_path_buf()
     } else {
         base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every config shipped in `configs/` parses and passes validation.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                RunConfig::parse(&text, &path)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 9,
+            "tiny and paper configs for every method: found {seen}"
+        );
+    }
+
+    const MINIMAL: &str = "[model]\npath = \"m\"\n[data]\nformat = \"pku-saferlhf\"\ntrain_file = \"t.jsonl\"\n\
+        global_batch = 4\nmicro_batch = 2\n[method]\nname = \"curriculum\"\n[train]\noutput_dir = \"run\"\n";
+
+    fn error(text: &str) -> String {
+        format!(
+            "{:#}",
+            RunConfig::parse(text, Path::new("/cfg/run.toml")).unwrap_err()
+        )
+    }
+
+    #[test]
+    fn bad_values_and_keys_are_named() {
+        RunConfig::parse(MINIMAL, Path::new("/cfg/run.toml")).unwrap();
+        assert!(
+            error(&MINIMAL.replace("[train]\n", "[train]\nlearning_rate = 0\n"))
+                .contains("train.learning_rate")
+        );
+        assert!(
+            error(&MINIMAL.replace("[method]\n", "[method]\nbeta = -1\n")).contains("method.beta")
+        );
+        assert!(
+            error(&MINIMAL.replace("[method]\n", "[method]\nrank = 0\n")).contains("method.rank")
+        );
+        let unknown = error(&MINIMAL.replace("[train]\n", "[train]\nlearning_rat = 1e-5\n"));
+        assert!(
+            unknown.contains("learning_rat") && unknown.contains("/cfg/run.toml"),
+            "{unknown}"
+        );
+        assert!(
+            error(&MINIMAL.replace("[train]\noutput_dir = \"run\"\n", "[train]\n"))
+                .contains("output_dir")
+        );
+        assert!(error(&MINIMAL.replace(
+            "format = \"pku-saferlhf\"",
+            "format = \"generic\"\ndimensions = []"
+        ))
+        .contains("dimensions"));
     }
 }

@@ -35,6 +35,18 @@ enum Command {
         #[arg(long)]
         chat_template: Option<PathBuf>,
     },
+    /// Train every stage of the configured method.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a tiny random Llama model with a byte-level tokenizer (for smoke runs on CPU).
+    TinyModel {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
     /// Inspect a run's preference data.
     Data {
         #[command(subcommand)]
@@ -81,6 +93,8 @@ fn main() -> ExitCode {
             model,
             chat_template,
         } => info(&model, chat_template.as_deref()),
+        Command::Train { config } => train(&config),
+        Command::TinyModel { out, seed } => tiny_model(&out, seed),
         Command::Data {
             command: DataCommand::Inspect { config },
         } => inspect_data(&config),
@@ -207,5 +221,28 @@ fn export(run: &Path, weights: &str, out: &Path, merge: bool) -> Result<()> {
             out.display()
         );
     }
+    Ok(())
+}
+
+fn train(config_path: &Path) -> Result<()> {
+    let config = RunConfig::load(config_path)?;
+    let text = std::fs::read_to_string(config_path)?;
+    let summary = modpo_trainer::train::train(&config, &text)?;
+    println!(
+        "trained {} stage(s) ({:?} steps); adapters: {}",
+        summary.steps.len(),
+        summary.steps,
+        summary.adapters.display()
+    );
+    Ok(())
+}
+
+fn tiny_model(out: &Path, seed: i64) -> Result<()> {
+    if out.join("config.json").exists() {
+        bail!("{} already holds a model", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    model::tiny::write_tiny_model(out, &Default::default(), seed)?;
+    println!("tiny model written to {}", out.display());
     Ok(())
 }

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The layout of the preference records in `train_file` / `eval_file`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DataFormat {
     /// PKU-SafeRLHF: `prompt`, `response_0`, `response_1`, `better_response_id`,
@@ -51,7 +51,7 @@ impl DataFormat {
 }
 
 /// `[data]` section of the run configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Record layout of the files.

@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod hf_config;
 pub mod llama;
 pub mod load;
+pub mod tiny;
 
 use std::path::Path;
 

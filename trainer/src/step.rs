@@ -1,0 +1,273 @@
+//! One micro-batch of one optimizer step: the passes of the stage's [`StepPlan`], their losses
+//! and backward (gradients accumulate in the adapters' `.grad`), and the statistics the loop
+//! logs. The passes run either as one forward over replicated rows with per-row `w`, or pass
+//! by pass with a backward after each (less memory); both give the same gradients.
+
+use tch::{Kind, Tensor};
+
+use crate::logps::{sequence_logps, BatchTensors};
+use crate::loss;
+use crate::method::StepPlan;
+use crate::model::{CausalLm, Conditioning};
+
+/// Divisors of a global batch's losses. They are computed from the whole global batch, which
+/// every rank knows, so they are the same on every rank and for any split into micro-batches:
+/// N ranks x 1 accumulation step and 1 rank x N steps give the same update.
+#[derive(Debug, Clone)]
+pub struct Normalisers {
+    /// Pairs in the global batch (KL, linear scalarisation, shared DPO).
+    pub pairs: f64,
+    /// Pairs with a preference in dimension i (L_DPO,i is their mean), at least 1.
+    pub preferred: Vec<f64>,
+    /// Gradients are averaged over ranks, so each rank's sum is scaled up by the world size.
+    pub world_size: f64,
+}
+
+impl Normalisers {
+    /// preferences: the [k] preference signs of every pair of the global batch.
+    pub fn of(preferences: &[&[i8]], k: usize, world_size: usize) -> Self {
+        let preferred = (0..k)
+            .map(|i| preferences.iter().filter(|p| p[i] != 0).count().max(1) as f64)
+            .collect();
+        Normalisers {
+            pairs: preferences.len().max(1) as f64,
+            preferred,
+            world_size: world_size as f64,
+        }
+    }
+}
+
+/// A micro-batch ready for the passes.
+pub struct MicroInputs<'a> {
+    pub tensors: &'a BatchTensors,
+    /// log pi_ref(y_a | x), log pi_ref(y_b | x): [B]
+    pub reference_a: Tensor,
+    pub reference_b: Tensor,
+    /// [B, k] in {-1, 0, +1}
+    pub preferences: Tensor,
+    /// [B, k] drawn weights of the last pass, for plans that draw.
+    pub drawn_weights: Option<Tensor>,
+}
+
+/// Per-step statistics, summed over micro-batches (then over ranks): one f64 tensor
+/// `[1 + 4k]`: the loss, then for each dimension the sums of chosen reward, rejected reward,
+/// correctly ordered pairs, and the count of pairs with a preference.
+pub struct StepStats {
+    pub sums: Tensor,
+    pub tokens: i64,
+}
+
+impl StepStats {
+    pub fn new(k: usize, device: tch::Device) -> Self {
+        StepStats {
+            sums: Tensor::zeros([1 + 4 * k as i64], (Kind::Double, device)),
+            tokens: 0,
+        }
+    }
+}
+
+/// The model and settings shared by every micro-batch of a stage.
+pub struct StepContext<'a> {
+    pub model: &'a CausalLm,
+    pub plan: StepPlan,
+    pub beta: f64,
+    pub batch_passes: bool,
+    pub k: usize,
+}
+
+/// w = 1_i for every row: [B, k]
+fn unit_weights(b: i64, k: usize, i: usize, device: tch::Device) -> Tensor {
+    let w = Tensor::zeros([b, k as i64], (Kind::Float, device));
+    let _ = w.narrow(1, i as i64, 1).fill_(1.0);
+    w
+}
+
+/// Rows of `t` ([2B, ..], responses a then b) replicated for `passes` passes:
+/// [a x passes; b x passes], so pair p * B + j of the result is pair j.
+fn replicate(t: &Tensor, b: i64, passes: i64) -> Tensor {
+    let a = t.narrow(0, 0, b).repeat([passes, 1]);
+    let rejected = t.narrow(0, b, b).repeat([passes, 1]);
+    Tensor::cat(&[a, rejected], 0)
+}
+
+/// `u(y_a; w)` and `u(y_b; w)` of one pass: log-ratios of policy to reference, each [B].
+struct PassRewards {
+    a: Tensor,
+    b: Tensor,
+}
+
+impl PassRewards {
+    fn new(inputs: &MicroInputs, (logp_a, logp_b): (Tensor, Tensor)) -> Self {
+        PassRewards {
+            a: logp_a - &inputs.reference_a,
+            b: logp_b - &inputs.reference_b,
+        }
+    }
+
+    /// u(y_a; w) - u(y_b; w): [B]
+    fn margin(&self) -> Tensor {
+        &self.a - &self.b
+    }
+
+    fn detach(&self) -> PassRewards {
+        PassRewards {
+            a: self.a.detach(),
+            b: self.b.detach(),
+        }
+    }
+}
+
+/// All passes in one forward over replicated rows with per-row `w` (`weights[p]`: [B, k]).
+fn batched_passes(ctx: &StepContext, inputs: &MicroInputs, weights: &[Tensor]) -> Vec<PassRewards> {
+    let t = inputs.tensors;
+    let passes = weights.len() as i64;
+    let all_w = Tensor::cat(weights, 0); // [P B, k]
+    let replicated = BatchTensors {
+        pairs: passes * t.pairs,
+        input_ids: replicate(&t.input_ids, t.pairs, passes),
+        attention_mask: replicate(&t.attention_mask, t.pairs, passes),
+        response_mask: replicate(&t.response_mask, t.pairs, passes),
+    };
+    let (logp_a, logp_b) = sequence_logps(ctx.model, &replicated, Conditioning::Weighted(&all_w)); // [P B] each
+    (0..passes)
+        .map(|p| {
+            let chunk = |x: &Tensor| x.narrow(0, p * t.pairs, t.pairs);
+            PassRewards::new(inputs, (chunk(&logp_a), chunk(&logp_b)))
+        })
+        .collect()
+}
+
+/// Runs the passes of one micro-batch, backpropagates its share of the step's loss and adds
+/// its statistics to `stats`.
+pub fn accumulate(
+    ctx: &StepContext,
+    inputs: &MicroInputs,
+    norms: &Normalisers,
+    stats: &mut StepStats,
+) {
+    let t = inputs.tensors;
+    let (b, device, beta, k) = (t.pairs, t.input_ids.device(), ctx.beta, ctx.k);
+    stats.tokens += t.attention_mask.sum(Kind::Int64).int64_value(&[]) * ctx.plan.passes(k) as i64;
+    let dimension_loss = |i: usize, pass: &PassRewards| {
+        loss::dpo(
+            &pass.margin(),
+            &inputs.preferences.select(1, i as i64),
+            beta,
+        )
+        .sum(Kind::Float)
+            * (norms.world_size / norms.preferred[i])
+    };
+    let plan = ctx.plan;
+    let draws = plan.draws_weights();
+    // The last pass's loss at the drawn w: the KL to the teacher built from the unit passes'
+    // detached margins (curriculum stage 3), or linear scalarisation (Panacea).
+    let drawn_loss = |drawn: &PassRewards, unit: &[PassRewards]| -> Tensor {
+        let w = inputs
+            .drawn_weights
+            .as_ref()
+            .expect("this plan draws weights");
+        let rows = match plan {
+            StepPlan::PerDimensionDpoAndKl => {
+                let margins: Vec<Tensor> = unit.iter().map(PassRewards::margin).collect();
+                let teacher = loss::teacher_logit(&Tensor::stack(&margins, 1), w, beta);
+                loss::bernoulli_kl(&teacher, &(drawn.margin() * beta))
+            }
+            _ => loss::linear_scalarisation(&drawn.margin(), &inputs.preferences, w, beta),
+        };
+        rows.sum(Kind::Float) * (norms.world_size / norms.pairs)
+    };
+
+    let (loss, unit_passes): (Tensor, Vec<PassRewards>) = if plan == StepPlan::SharedDpo {
+        // Every dimension with a preference agrees: their sign is the pair's preference.
+        let shared = inputs
+            .preferences
+            .sum_dim_intlist(1, false, Kind::Int64)
+            .sign();
+        let pass = PassRewards::new(
+            inputs,
+            sequence_logps(ctx.model, t, Conditioning::SharedOnly),
+        );
+        let loss = loss::dpo(&pass.margin(), &shared, beta).sum(Kind::Float)
+            * (norms.world_size / norms.pairs);
+        loss.backward();
+        let detached = pass.detach();
+        (loss.detach(), (0..k).map(|_| detached.detach()).collect())
+    } else {
+        let mut weights: Vec<Tensor> = (0..k).map(|i| unit_weights(b, k, i, device)).collect();
+        if draws {
+            weights.push(
+                inputs
+                    .drawn_weights
+                    .as_ref()
+                    .expect("this plan draws weights")
+                    .shallow_clone(),
+            );
+        }
+        if ctx.batch_passes {
+            let passes = batched_passes(ctx, inputs, &weights);
+            let unit: Vec<PassRewards> = passes[..k].iter().map(PassRewards::detach).collect();
+            let mut loss = Tensor::zeros([], (Kind::Float, device));
+            for (i, pass) in passes[..k].iter().enumerate() {
+                loss += dimension_loss(i, pass);
+            }
+            if draws {
+                loss += drawn_loss(&passes[k], &unit);
+            }
+            loss.backward();
+            (loss.detach(), unit)
+        } else {
+            // Pass by pass: a backward right after each forward frees its activations; the
+            // detached rewards are kept for the teacher of the last pass.
+            let mut total = Tensor::zeros([], (Kind::Float, device));
+            let mut unit = Vec::with_capacity(k);
+            for (i, w) in weights.iter().take(k).enumerate() {
+                let pass = PassRewards::new(
+                    inputs,
+                    sequence_logps(ctx.model, t, Conditioning::Weighted(w)),
+                );
+                let l = dimension_loss(i, &pass);
+                l.backward();
+                total += l.detach();
+                unit.push(pass.detach());
+            }
+            if draws {
+                let pass = PassRewards::new(
+                    inputs,
+                    sequence_logps(ctx.model, t, Conditioning::Weighted(&weights[k])),
+                );
+                let l = drawn_loss(&pass, &unit);
+                l.backward();
+                total += l.detach();
+            }
+            (total, unit)
+        }
+    };
+
+    // Statistics at w = 1_i (w = 0 in stage 1) over the pairs where dimension i has a
+    // preference: implicit rewards beta * u of the response it prefers (chosen) and of the
+    // other (rejected), and whether the chosen one scores higher.
+    let _no_grad = tch::no_grad_guard();
+    let mut parts = vec![(loss.to_kind(Kind::Double) / norms.world_size).reshape([1])];
+    for (i, pass) in unit_passes.iter().enumerate() {
+        let sign = inputs.preferences.select(1, i as i64).to_kind(Kind::Double); // [B]
+        let preferred = sign.abs();
+        let prefers_a = sign.gt(0.0);
+        let (reward_a, reward_b) = (
+            pass.a.to_kind(Kind::Double) * beta,
+            pass.b.to_kind(Kind::Double) * beta,
+        );
+        let chosen = reward_a.where_self(&prefers_a, &reward_b);
+        let rejected = reward_b.where_self(&prefers_a, &reward_a);
+        let correct = chosen.gt_tensor(&rejected).to_kind(Kind::Double);
+        parts.push(Tensor::stack(
+            &[
+                (chosen * &preferred).sum(Kind::Double),
+                (rejected * &preferred).sum(Kind::Double),
+                (correct * &preferred).sum(Kind::Double),
+                preferred.sum(Kind::Double),
+            ],
+            0,
+        ));
+    }
+    stats.sums += Tensor::cat(&parts, 0);
+}
