@@ -1,183 +1,232 @@
-//! Who am I: rank, local rank and world size of this process, read from the environment
-//! that Open MPI (`mpirun`), MPICH/PMI or SLURM (`srun`) set up. A process started alone is
-//! rank 0 of 1 and needs no launcher. Knows nothing of models.
+//! Who am I and how do I talk to the other ranks. Defines [`Topology`] (rank, local rank,
+//! world size from `mpirun` / PMI / `srun`), the [`Collective`] trait with its three
+//! implementations ([`Single`], [`Mpi`] for CPU tensors, [`Nccl`] for CUDA tensors), [`init`]
+//! which picks one, and the failure helpers [`run_or_abort`] / [`abort_job`]. Knows nothing of
+//! models.
+//!
+//! # Use from the trainer
+//!
+//! ```no_run
+//! use modpo_launcher::{init, run_or_abort, CollectiveChoice, Collective};
+//! # fn train(_: &dyn Collective) -> Result<(), String> { Ok(()) }
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // An error here is safe to return: either MPI is not up, or the job was already aborted.
+//! let (topology, collective) = init(CollectiveChoice::Auto, /* device_is_cuda */ true)?;
+//! // Place the model on `modpo_launcher::cuda_ordinal(topology.local_rank)?` when on GPU.
+//! // From here on, an error or a panic on any rank must end the whole job, never leave the
+//! // other ranks blocked in their next all-reduce: run the job inside `run_or_abort`.
+//! run_or_abort(collective.as_ref(), || train(collective.as_ref()));
+//! drop(collective); // MPI_Finalize, after every rank finished
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! In the loop: `collective.broadcast(&mut trainable_variables)` once before the first step
+//! (rank 0's initial adapters), then per optimizer step
+//! `collective.all_reduce_mean(&mut gradients)` and
+//! `collective.all_reduce_f64(&mut [loss_sum, pair_count], Op::Sum)` for the logged metrics.
 
-use std::collections::HashMap;
+mod bucket;
+mod collective;
+mod mpi_cpu;
+mod nccl;
+mod single;
+mod topology;
 
-/// Where the topology was read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Launcher {
-    /// Started alone.
+use std::fmt;
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::str::FromStr;
+
+pub use collective::{Collective, CollectiveError, Op};
+pub use mpi_cpu::Mpi;
+pub use nccl::{cuda_ordinal, Nccl};
+pub use single::Single;
+pub use topology::{Launcher, Topology, TopologyError};
+
+/// Which collective to use; `Auto` decides from the world size and the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CollectiveChoice {
+    /// NCCL on GPU with several ranks, MPI with several CPU ranks, single otherwise.
+    #[default]
+    Auto,
     Single,
-    /// Open MPI's `mpirun` (`OMPI_COMM_WORLD_*`).
-    OpenMpi,
-    /// MPICH / Intel MPI / any PMI launcher (`PMI_RANK`, `PMI_SIZE`).
-    Pmi,
-    /// SLURM's `srun` (`SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_NTASKS`).
-    Slurm,
+    Mpi,
+    Nccl,
 }
 
-/// This process's place in the job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Topology {
-    pub rank: usize,
-    /// Rank among the processes of this node: selects the GPU.
-    pub local_rank: usize,
-    pub world_size: usize,
-    pub launcher: Launcher,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TopologyError {
-    #[error("environment variable {name}={value:?} is not a non-negative integer")]
-    NotAnInteger { name: &'static str, value: String },
-    #[error("{launcher:?} environment says rank {rank} of world size {world_size}")]
-    RankOutOfRange {
-        launcher: Launcher,
-        rank: usize,
+impl CollectiveChoice {
+    /// The collective this choice means for `world_size` ranks on CUDA or CPU, or why it
+    /// cannot work there.
+    pub fn resolve(
+        self,
         world_size: usize,
-    },
+        device_is_cuda: bool,
+    ) -> Result<CollectiveChoice, CollectiveError> {
+        let unusable = |reason: String| CollectiveError::Unusable {
+            choice: self,
+            reason,
+        };
+        match self {
+            CollectiveChoice::Auto if world_size == 1 => Ok(CollectiveChoice::Single),
+            CollectiveChoice::Auto if device_is_cuda => Ok(CollectiveChoice::Nccl),
+            CollectiveChoice::Auto => Ok(CollectiveChoice::Mpi),
+            CollectiveChoice::Single if world_size > 1 => Err(unusable(format!(
+                "the launcher started {world_size} ranks, which would train apart"
+            ))),
+            CollectiveChoice::Mpi if world_size == 1 => Err(unusable(
+                "this process was not started by mpirun or srun (world size 1); use `single` \
+                 or `auto`"
+                    .into(),
+            )),
+            CollectiveChoice::Mpi if device_is_cuda => Err(unusable(
+                "it reduces CPU tensors and the model is on CUDA; use `nccl` or `auto`".into(),
+            )),
+            CollectiveChoice::Nccl if !device_is_cuda => Err(unusable(
+                "it reduces CUDA tensors and the model is on the CPU; use `mpi` or `auto`".into(),
+            )),
+            choice => Ok(choice),
+        }
+    }
 }
 
-impl Topology {
-    /// A process on its own.
-    pub fn single() -> Self {
-        Topology {
-            rank: 0,
-            local_rank: 0,
-            world_size: 1,
-            launcher: Launcher::Single,
+impl fmt::Display for CollectiveChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CollectiveChoice::Auto => "auto",
+            CollectiveChoice::Single => "single",
+            CollectiveChoice::Mpi => "mpi",
+            CollectiveChoice::Nccl => "nccl",
+        })
+    }
+}
+
+/// `s` is not one of auto, single, mpi, nccl.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown collective {0:?}: expected auto, single, mpi or nccl")]
+pub struct UnknownCollective(pub String);
+
+impl FromStr for CollectiveChoice {
+    type Err = UnknownCollective;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(CollectiveChoice::Auto),
+            "single" => Ok(CollectiveChoice::Single),
+            "mpi" => Ok(CollectiveChoice::Mpi),
+            "nccl" => Ok(CollectiveChoice::Nccl),
+            _ => Err(UnknownCollective(s.to_string())),
         }
     }
+}
 
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, TopologyError> {
-        Self::from_vars(&std::env::vars().collect())
-    }
-
-    /// Reads the given variables. Open MPI wins over PMI and SLURM: `mpirun` inside an
-    /// `sbatch` allocation sets its own variables while the allocation's SLURM ones remain.
-    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, TopologyError> {
-        let get = |name: &'static str| -> Result<Option<usize>, TopologyError> {
-            match vars.get(name) {
-                None => Ok(None),
-                Some(value) => {
-                    value
-                        .trim()
-                        .parse()
-                        .map(Some)
-                        .map_err(|_| TopologyError::NotAnInteger {
-                            name,
-                            value: value.clone(),
-                        })
-                }
+/// Reads the topology from the environment and sets up the collective `choice` resolves to.
+///
+/// MPI is initialised only when the environment says there are several ranks (a process on
+/// its own needs no `mpirun`); an explicit `Nccl` with one rank makes its NCCL id without MPI.
+/// The returned collective owns MPI: drop it last, after the job, to finalise MPI.
+///
+/// An `Err` is always safe to return from `main`: errors found after MPI is up abort the
+/// whole job instead of being returned (see [`Mpi::init`], [`Nccl::init`]).
+pub fn init(
+    choice: CollectiveChoice,
+    device_is_cuda: bool,
+) -> Result<(Topology, Box<dyn Collective>), CollectiveError> {
+    let topology = Topology::from_env()?;
+    let collective: Box<dyn Collective> =
+        match choice.resolve(topology.world_size, device_is_cuda)? {
+            CollectiveChoice::Single | CollectiveChoice::Auto => Box::new(Single),
+            CollectiveChoice::Mpi => Box::new(Mpi::init(&topology)?),
+            CollectiveChoice::Nccl if topology.world_size == 1 => {
+                Box::new(Nccl::single(cuda_ordinal(topology.local_rank)?)?)
             }
+            CollectiveChoice::Nccl => Box::new(Nccl::init(&topology, Mpi::init(&topology)?)),
         };
-        let candidates: [(Launcher, &'static str, &'static str, &'static str); 3] = [
-            (
-                Launcher::OpenMpi,
-                "OMPI_COMM_WORLD_RANK",
-                "OMPI_COMM_WORLD_LOCAL_RANK",
-                "OMPI_COMM_WORLD_SIZE",
-            ),
-            (Launcher::Pmi, "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
-            (
-                Launcher::Slurm,
-                "SLURM_PROCID",
-                "SLURM_LOCALID",
-                "SLURM_NTASKS",
-            ),
-        ];
-        for (launcher, rank_var, local_var, size_var) in candidates {
-            let (Some(rank), Some(world_size)) = (get(rank_var)?, get(size_var)?) else {
-                continue;
-            };
-            if rank >= world_size {
-                return Err(TopologyError::RankOutOfRange {
-                    launcher,
-                    rank,
-                    world_size,
-                });
-            }
-            // Without a local rank, assume one process per node.
-            let local_rank = get(local_var)?.unwrap_or(0);
-            return Ok(Topology {
-                rank,
-                local_rank,
-                world_size,
-                launcher,
-            });
-        }
-        Ok(Self::single())
-    }
+    Ok((topology, collective))
+}
 
-    /// Rank 0 alone prints progress and writes files.
-    pub fn is_main(&self) -> bool {
-        self.rank == 0
+/// Prints nothing, flushes the standard streams and ends every rank of the job with `code`
+/// (`MPI_Abort` under MPI, so `mpirun` / `srun` exits non-zero at once).
+pub fn abort_job(collective: &dyn Collective, code: i32) -> ! {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    collective.abort(code)
+}
+
+/// Runs `body`; if it returns an error, prints `rank R: error: {error:#}` (the whole chain for
+/// an `anyhow::Error`) and aborts the job with status 1; if it panics (the panic message is
+/// already printed), aborts with status 101. Never returns otherwise.
+pub fn run_or_abort<T, E: fmt::Display>(
+    collective: &dyn Collective,
+    body: impl FnOnce() -> Result<T, E>,
+) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => {
+            eprintln!("rank {}: error: {error:#}", collective.rank());
+            abort_job(collective, 1)
+        }
+        Err(_) => {
+            eprintln!("rank {}: panicked; aborting the job", collective.rank());
+            abort_job(collective, 101)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{run_or_abort, CollectiveChoice};
+    use CollectiveChoice::*;
 
-    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    #[test]
+    fn auto_picks_by_world_size_and_device() {
+        assert_eq!(Auto.resolve(1, false).unwrap(), Single);
+        assert_eq!(Auto.resolve(1, true).unwrap(), Single);
+        assert_eq!(Auto.resolve(4, true).unwrap(), Nccl);
+        assert_eq!(Auto.resolve(2, false).unwrap(), Mpi);
     }
 
     #[test]
-    fn alone_is_rank_zero_of_one() {
-        assert_eq!(Topology::from_vars(&vars(&[])).unwrap(), Topology::single());
-    }
-
-    #[test]
-    fn open_mpi_wins_over_slurm_allocation() {
-        let t = Topology::from_vars(&vars(&[
-            ("SLURM_PROCID", "0"),
-            ("SLURM_NTASKS", "1"),
-            ("OMPI_COMM_WORLD_RANK", "5"),
-            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
-            ("OMPI_COMM_WORLD_SIZE", "8"),
-        ]))
-        .unwrap();
+    fn explicit_choices_that_cannot_work_say_why() {
+        let err = Single.resolve(2, false).unwrap_err().to_string();
         assert_eq!(
-            (t.rank, t.local_rank, t.world_size, t.launcher),
-            (5, 1, 8, Launcher::OpenMpi)
-        );
-    }
-
-    #[test]
-    fn slurm_srun() {
-        let t = Topology::from_vars(&vars(&[
-            ("SLURM_PROCID", "9"),
-            ("SLURM_LOCALID", "1"),
-            ("SLURM_NTASKS", "16"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (t.rank, t.local_rank, t.world_size, t.launcher),
-            (9, 1, 16, Launcher::Slurm)
-        );
-    }
-
-    #[test]
-    fn bad_values_are_named() {
-        let err = Topology::from_vars(&vars(&[("PMI_RANK", "x"), ("PMI_SIZE", "2")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "environment variable PMI_RANK=\"x\" is not a non-negative integer"
-        );
-        let err = Topology::from_vars(&vars(&[("PMI_RANK", "2"), ("PMI_SIZE", "2")])).unwrap_err();
-        assert!(matches!(
             err,
-            TopologyError::RankOutOfRange {
-                rank: 2,
-                world_size: 2,
-                ..
-            }
-        ));
+            "collective `single` cannot be used here: the launcher started 2 ranks, which \
+             would train apart"
+        );
+        assert!(Mpi
+            .resolve(1, false)
+            .unwrap_err()
+            .to_string()
+            .contains("mpirun"));
+        assert!(Mpi
+            .resolve(2, true)
+            .unwrap_err()
+            .to_string()
+            .contains("CUDA"));
+        assert!(Nccl
+            .resolve(2, false)
+            .unwrap_err()
+            .to_string()
+            .contains("CPU"));
+        assert_eq!(Nccl.resolve(1, true).unwrap(), Nccl);
+        assert_eq!(Mpi.resolve(3, false).unwrap(), Mpi);
+    }
+
+    #[test]
+    fn choices_parse_and_print() {
+        for choice in [Auto, Single, Mpi, Nccl] {
+            assert_eq!(choice.to_string().parse::<CollectiveChoice>(), Ok(choice));
+        }
+        assert_eq!(" NCCL ".parse::<CollectiveChoice>(), Ok(Nccl));
+        assert_eq!(
+            "gloo".parse::<CollectiveChoice>().unwrap_err().to_string(),
+            "unknown collective \"gloo\": expected auto, single, mpi or nccl"
+        );
+    }
+
+    #[test]
+    fn run_or_abort_returns_the_value_on_success() {
+        assert_eq!(run_or_abort(&super::Single, || Ok::<_, String>(7)), 7);
     }
 }
