@@ -76,7 +76,7 @@ fn block(name: &str, t: &Tensor, i: i64, r: i64) -> Tensor {
 fn curriculum_stages_train_only_their_parameters() {
     let tmp = tempfile::tempdir().unwrap();
     let (config, text) = setup(tmp.path(), "curriculum", 160, "max_steps = 3");
-    let summary = train(&config, &text).unwrap();
+    let summary = train(&config, &text, Default::default()).unwrap();
     assert_eq!(summary.steps, vec![3, 3, 3]);
 
     // The initial adapters: the same seed draws the same initialisation.
@@ -93,7 +93,7 @@ fn curriculum_stages_train_only_their_parameters() {
         read_adapters(
             &summary
                 .run_dir
-                .join(format!("stage-{n}"))
+                .join(format!("checkpoints/stage-{n}-final"))
                 .join(ADAPTERS_FILE),
         )
     };
@@ -292,7 +292,7 @@ fn accuracy_rises(method: &str) {
         &config,
         &tokenizer,
     );
-    let summary = train(&config, &text).unwrap();
+    let summary = train(&config, &text, Default::default()).unwrap();
     let trained = load_model(&config.model.path, Some(&spec), Device::Cpu, Kind::Float).unwrap();
     checkpoint::load_adapters(&summary.adapters, &trained.adapters).unwrap();
     let after = training_accuracy(&trained, &config, &tokenizer);

@@ -169,3 +169,250 @@ pub fn load_adapters(path: &Path, adapters: &VarStore) -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// Training checkpoints: adapters + optimizer + trainer state, one directory each.
+
+/// Bumped when the checkpoint layout changes; older checkpoints are refused.
+pub const CHECKPOINT_VERSION: u32 = 1;
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+const CHECKSUMS_FILE: &str = "checksums.json";
+const LATEST_FILE: &str = "latest";
+
+/// Where training stands, and what it must match to be resumed.
+///
+/// All randomness during training is a pure function of the seeds and the position (batch
+/// order from (seed, stage, epoch), weight draws from (seed, stage, step)), so the position is
+/// the RNG state; the adapters' initialisation is only drawn at the start of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub version: u32,
+    /// 1-based stage number and name.
+    pub stage: usize,
+    pub stage_name: String,
+    /// Optimizer steps taken in this stage.
+    pub step: usize,
+    /// Whether the stage is complete (a stage-final checkpoint).
+    pub stage_finished: bool,
+    /// Data cursor: the epoch, and pairs of it consumed (a multiple of the global batch),
+    /// which does not depend on the world size.
+    pub epoch: usize,
+    pub pairs_into_epoch: usize,
+    /// Names of the optimizer's parameters, in the order of `optimizer.safetensors`.
+    pub optimizer_params: Vec<String>,
+    pub optimizer_steps: i64,
+    pub model_fingerprint: String,
+    /// Hash of the model, dtype and every training pair's token ids
+    /// ([`crate::reference::cache_key`]): same data, tokenizer, template and max length.
+    pub data_fingerprint: String,
+    pub dimensions: Vec<String>,
+    /// The resolved config less what may change on resume (see
+    /// [`crate::config::RunConfig::result_relevant`]).
+    pub config: serde_json::Value,
+    /// World size when written (information only: resuming on another one is allowed).
+    pub world_size: usize,
+}
+
+/// A checkpoint directory's name: stage-final ones sort after the periodic ones of the stage.
+pub fn checkpoint_name(stage: usize, step: usize, stage_finished: bool) -> String {
+    if stage_finished {
+        format!("stage-{stage}-final")
+    } else {
+        format!("stage-{stage}-step-{step:07}")
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+/// Writes a checkpoint into `<checkpoints>/<name>`: every file into a temporary directory,
+/// flushed, with a checksum list, then the directory renamed into place and the `latest`
+/// pointer replaced last. A crash at any point leaves the previous checkpoint and pointer
+/// intact.
+pub fn write_checkpoint(
+    checkpoints: &Path,
+    adapters: &VarStore,
+    meta: &AdapterMeta,
+    optimizer_state: &[(String, Tensor)],
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let name = checkpoint_name(state.stage, state.step, state.stage_finished);
+    let tmp = checkpoints.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    save_adapters(&tmp.join(ADAPTERS_FILE), adapters, meta)?;
+    let optimizer_path = tmp.join(OPTIMIZER_FILE);
+    if optimizer_state.is_empty() {
+        write_atomically(
+            &optimizer_path,
+            &safetensors::serialize(Vec::<(String, TensorView)>::new(), None)?,
+        )?;
+    } else {
+        Tensor::write_safetensors(optimizer_state, &optimizer_path)
+            .with_context(|| format!("cannot write {}", optimizer_path.display()))?;
+        std::fs::File::open(&optimizer_path)?.sync_all()?;
+    }
+    write_atomically(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    let mut checksums = std::collections::BTreeMap::new();
+    for file in [ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        checksums.insert(file.to_string(), sha256_file(&tmp.join(file))?);
+    }
+    write_atomically(
+        &tmp.join(CHECKSUMS_FILE),
+        serde_json::to_string_pretty(&checksums)?.as_bytes(),
+    )?;
+    sync_dir(&tmp)?;
+    let target = checkpoints.join(&name);
+    if target.exists() {
+        // Only a resumed run rewrites a name, with the same state: replace it.
+        std::fs::remove_dir_all(&target)
+            .with_context(|| format!("cannot replace {}", target.display()))?;
+    }
+    std::fs::rename(&tmp, &target)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), target.display()))?;
+    sync_dir(checkpoints)?;
+    write_atomically(&checkpoints.join(LATEST_FILE), name.as_bytes())?;
+    Ok(target)
+}
+
+/// Checks every file of a checkpoint against its checksum and reads its state; the error
+/// names the file that does not match.
+pub fn verify_checkpoint(dir: &Path) -> Result<TrainerState> {
+    let list = dir.join(CHECKSUMS_FILE);
+    let text = std::fs::read_to_string(&list)
+        .with_context(|| format!("cannot read {}", list.display()))?;
+    let checksums: std::collections::BTreeMap<String, String> = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a checksum list", list.display()))?;
+    for file in [ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        let expected = checksums
+            .get(file)
+            .with_context(|| format!("{} lists no checksum for {file}", list.display()))?;
+        let path = dir.join(file);
+        if &sha256_file(&path)? != expected {
+            bail!(
+                "{} does not match its checksum: the file is corrupted",
+                path.display()
+            );
+        }
+    }
+    let state_path = dir.join(STATE_FILE);
+    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
+        .with_context(|| format!("{} is not a trainer state", state_path.display()))?;
+    if state.version != CHECKPOINT_VERSION {
+        bail!(
+            "{}: checkpoint version {} (this build reads {CHECKPOINT_VERSION})",
+            state_path.display(),
+            state.version
+        );
+    }
+    Ok(state)
+}
+
+/// Checkpoint directories (not temporaries), newest first: by stage, then final after any
+/// step, then step.
+fn checkpoint_dirs(checkpoints: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<(usize, usize, PathBuf)> = Vec::new();
+    let entries = match std::fs::read_dir(checkpoints) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", checkpoints.display())),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix("stage-") else {
+            continue;
+        };
+        let (stage, step) = match rest.split_once('-') {
+            Some((stage, "final")) => (stage.parse().ok(), Some(usize::MAX)),
+            Some((stage, step)) => (
+                stage.parse().ok(),
+                step.strip_prefix("step-").and_then(|s| s.parse().ok()),
+            ),
+            None => (None, None),
+        };
+        if let (Some(stage), Some(step)) = (stage, step) {
+            found.push((stage, step, entry.path()));
+        }
+    }
+    found.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    Ok(found.into_iter().map(|(_, _, p)| p).collect())
+}
+
+/// The newest checkpoint that verifies: the one `latest` names, else the newest valid one.
+/// Every checkpoint skipped is logged with the reason.
+pub fn latest_valid_checkpoint(checkpoints: &Path) -> Result<Option<(PathBuf, TrainerState)>> {
+    let mut candidates = Vec::new();
+    if let Ok(name) = std::fs::read_to_string(checkpoints.join(LATEST_FILE)) {
+        candidates.push(checkpoints.join(name.trim()));
+    }
+    candidates.extend(checkpoint_dirs(checkpoints)?);
+    for dir in candidates {
+        match verify_checkpoint(&dir) {
+            Ok(state) => return Ok(Some((dir, state))),
+            Err(err) => tracing::warn!("skipping checkpoint {}: {err:#}", dir.display()),
+        }
+    }
+    Ok(None)
+}
+
+/// The verified final checkpoint of `stage`.
+pub fn stage_final_checkpoint(checkpoints: &Path, stage: usize) -> Result<(PathBuf, TrainerState)> {
+    let dir = checkpoints.join(checkpoint_name(stage, 0, true));
+    if !dir.is_dir() {
+        bail!(
+            "no final checkpoint of stage {stage}: {} does not exist",
+            dir.display()
+        );
+    }
+    let state = verify_checkpoint(&dir)?;
+    Ok((dir, state))
+}
+
+/// Deletes periodic checkpoints beyond the newest `keep`; stage-final ones always stay.
+pub fn prune_checkpoints(checkpoints: &Path, keep: usize) -> Result<()> {
+    let periodic: Vec<PathBuf> = checkpoint_dirs(checkpoints)?
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().ends_with("-final"))
+        .collect();
+    let latest = std::fs::read_to_string(checkpoints.join(LATEST_FILE)).unwrap_or_default();
+    for dir in periodic.into_iter().skip(keep) {
+        if dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy() == latest.trim())
+        {
+            continue;
+        }
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The optimizer moments of a checkpoint, by name (`exp_avg.{i}`, `exp_avg_sq.{i}`).
+pub fn read_optimizer_state(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join(OPTIMIZER_FILE);
+    Ok(Tensor::read_safetensors(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .into_iter()
+        .collect())
+}
+
+/// Creates `dir` if needed; used by the trainer for the checkpoints directory.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}

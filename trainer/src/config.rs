@@ -89,11 +89,68 @@ impl RunConfig {
         Ok(config)
     }
 
+    /// The resolved config less the keys a resumed run may change without changing its
+    /// result: where it writes, how often it checkpoints, how the global batch is split over
+    /// ranks and micro-batches (the update is the same for any split, METHOD.md section 9),
+    /// and where the model and data files are (their contents are compared instead, by
+    /// fingerprint).
+    pub fn result_relevant(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("config serialises");
+        for (section, key) in [
+            ("train", "output_dir"),
+            ("model", "path"),
+            ("data", "train_file"),
+            ("data", "eval_file"),
+            ("train", "checkpoint_every"),
+            ("train", "keep_checkpoints"),
+            ("data", "micro_batch"),
+            ("data", "accumulation"),
+            ("data", "cache_dir"),
+            ("model", "device"),
+            ("method", "batch_passes"),
+        ] {
+            if let Some(table) = value.get_mut(section).and_then(|s| s.as_object_mut()) {
+                table.remove(key);
+            }
+        }
+        value
+    }
+
     fn validate(&self) -> Result<()> {
         self.data.validate()?;
         self.method.validate()?;
         self.train.validate()
     }
+}
+
+/// The keys whose values differ between two configs, as `section.key: old -> new` lines.
+pub fn differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn walk(prefix: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+        match (old, new) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for key in keys {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    let null = serde_json::Value::Null;
+                    walk(
+                        &path,
+                        a.get(key).unwrap_or(&null),
+                        b.get(key).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            (a, b) if a != b => out.push(format!("{prefix}: {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", old, new, &mut out);
+    out
 }
 
 /// `path` as written in a config file, made absolute against the file's directory.

@@ -11,6 +11,7 @@ use modpo_trainer::config::RunConfig;
 use modpo_trainer::export;
 use modpo_trainer::model::{self, load::Checkpoint, ModelConfig};
 use modpo_trainer::tokenizer::{ChatMessage, ChatTokenizer};
+use modpo_trainer::train::TrainOptions;
 use tch::{Device, Kind};
 
 #[derive(Parser)]
@@ -39,6 +40,12 @@ enum Command {
     Train {
         #[arg(long)]
         config: PathBuf,
+        /// Continue the run in train.output_dir from its latest valid checkpoint.
+        #[arg(long, conflicts_with = "resume_from_stage")]
+        resume: bool,
+        /// Start stage N from the final checkpoint of stage N - 1.
+        #[arg(long, value_name = "N")]
+        resume_from_stage: Option<usize>,
     },
     /// Write a tiny random Llama model with a byte-level tokenizer (for smoke runs on CPU).
     TinyModel {
@@ -68,6 +75,32 @@ enum Command {
         #[arg(long)]
         merge: bool,
     },
+    /// Implicit-reward accuracy of finished runs on their held-out conflict pairs at the
+    /// paper's weight vectors: results.json, results.md (Tables 1-2) and one PNG per dimension
+    /// pair (Figures 2-3). Runs must share the dimensions and the held-out data.
+    Eval {
+        /// A run directory (written by `train`); repeat to compare runs.
+        #[arg(long = "run", required = true, value_name = "DIR")]
+        runs: Vec<PathBuf>,
+        /// Output directory (created); default `<first run>/eval`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace results already in the output directory.
+        #[arg(long)]
+        force: bool,
+        /// Device for every run instead of each run's `model.device`.
+        #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
+        device: Option<String>,
+        /// Pairs per micro-batch instead of each run's `data.micro_batch`.
+        #[arg(long)]
+        micro_batch: Option<usize>,
+        /// Bootstrap resamples of the pairs for the 95% intervals (0: no intervals).
+        #[arg(long, default_value_t = 1000)]
+        bootstrap: usize,
+        /// Seed of the bootstrap.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -93,7 +126,17 @@ fn main() -> ExitCode {
             model,
             chat_template,
         } => info(&model, chat_template.as_deref()),
-        Command::Train { config } => train(&config),
+        Command::Train {
+            config,
+            resume,
+            resume_from_stage,
+        } => train(
+            &config,
+            TrainOptions {
+                resume,
+                resume_from_stage,
+            },
+        ),
         Command::TinyModel { out, seed } => tiny_model(&out, seed),
         Command::Data {
             command: DataCommand::Inspect { config },
@@ -104,6 +147,23 @@ fn main() -> ExitCode {
             out,
             merge,
         } => export(&run, &weights, &out, merge),
+        Command::Eval {
+            runs,
+            out,
+            force,
+            device,
+            micro_batch,
+            bootstrap,
+            seed,
+        } => eval(
+            runs,
+            out,
+            force,
+            device.as_deref(),
+            micro_batch,
+            bootstrap,
+            seed,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -224,10 +284,17 @@ fn export(run: &Path, weights: &str, out: &Path, merge: bool) -> Result<()> {
     Ok(())
 }
 
-fn train(config_path: &Path) -> Result<()> {
+fn train(config_path: &Path, options: TrainOptions) -> Result<()> {
     let config = RunConfig::load(config_path)?;
     let text = std::fs::read_to_string(config_path)?;
-    let summary = modpo_trainer::train::train(&config, &text)?;
+    let summary = modpo_trainer::train::train(&config, &text, options)?;
+    if summary.stopped {
+        println!(
+            "stopped by signal after a checkpoint in {}; continue with --resume",
+            summary.run_dir.display()
+        );
+        return Ok(());
+    }
     println!(
         "trained {} stage(s) ({:?} steps); adapters: {}",
         summary.steps.len(),
@@ -244,5 +311,59 @@ fn tiny_model(out: &Path, seed: i64) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     model::tiny::write_tiny_model(out, &Default::default(), seed)?;
     println!("tiny model written to {}", out.display());
+    Ok(())
+}
+
+fn eval(
+    runs: Vec<PathBuf>,
+    out: Option<PathBuf>,
+    force: bool,
+    device: Option<&str>,
+    micro_batch: Option<usize>,
+    resamples: usize,
+    seed: u64,
+) -> Result<()> {
+    use modpo_trainer::config::DeviceChoice;
+    use modpo_trainer::eval::{self, Bootstrap, CompareOptions};
+    let out = out.unwrap_or_else(|| runs[0].join("eval"));
+    let device = device.map(|d| match d {
+        "cpu" => DeviceChoice::Cpu,
+        "cuda" => DeviceChoice::Cuda,
+        _ => DeviceChoice::Auto,
+    });
+    let options = CompareOptions {
+        runs,
+        device,
+        micro_batch,
+        bootstrap: Bootstrap {
+            resamples,
+            seed,
+            ..Bootstrap::default()
+        },
+    };
+    let (comparison, written) = eval::evaluate_runs(&options, &out, force)?;
+    for (run, summary) in comparison.runs.iter().zip(&comparison.summaries) {
+        println!(
+            "{:<24} win rate {:>5}  mean accuracy {:>5}",
+            run.label,
+            summary
+                .win_rate
+                .map(|r| format!("{r:.2}"))
+                .unwrap_or_else(|| "n/a".into()),
+            summary
+                .mean_accuracy
+                .map(|a| format!("{:.1}", 100.0 * a))
+                .unwrap_or_else(|| "n/a".into())
+        );
+    }
+    println!(
+        "{} settings on {} conflict pairs: {}, {} and {} plot(s) in {}",
+        comparison.settings.len(),
+        comparison.conflict_pairs,
+        written.results_json.display(),
+        written.results_md.display(),
+        written.plots.len(),
+        out.display()
+    );
     Ok(())
 }

@@ -6,8 +6,11 @@
 //! optimizer step is taken; metrics go to the log, `metrics.jsonl` and the progress bar. At the
 //! end of a stage its adapters are written under the run directory.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -16,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
-use crate::config::RunConfig;
+use crate::checkpoint::{self, AdapterMeta, TrainerState, ADAPTERS_FILE};
+use crate::config::{self, RunConfig};
 use crate::data::{self, collate, epoch_batches, split::seeded_rng, BatchPlan, PreferenceData};
 use crate::logps::BatchTensors;
 use crate::method::{stages, PairPool, Stage, Trainable, WeightSampling};
@@ -59,6 +62,13 @@ pub struct TrainConfig {
     /// Seed of the adapters' initialisation and of the weight draws.
     #[serde(default)]
     pub seed: u64,
+    /// Write a checkpoint every this many optimizer steps within a stage (0: only at the end
+    /// of each stage, which always gets one).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Periodic checkpoints kept (the newest); stage-final ones are always kept.
+    #[serde(default = "defaults::keep_checkpoints")]
+    pub keep_checkpoints: usize,
 }
 
 mod defaults {
@@ -82,6 +92,9 @@ mod defaults {
     }
     pub fn epochs() -> usize {
         1
+    }
+    pub fn keep_checkpoints() -> usize {
+        2
     }
 }
 
@@ -123,6 +136,9 @@ impl TrainConfig {
         if self.epochs == 0 {
             bail!("train.epochs must be at least 1");
         }
+        if self.keep_checkpoints == 0 {
+            bail!("train.keep_checkpoints must be at least 1");
+        }
         if self.max_steps == Some(0) {
             bail!("train.max_steps must be at least 1 when given");
         }
@@ -130,14 +146,26 @@ impl TrainConfig {
     }
 }
 
-/// What a finished run leaves behind.
+/// How `train` starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrainOptions {
+    /// Continue from the latest valid checkpoint of the run directory.
+    pub resume: bool,
+    /// Start stage N from the final checkpoint of stage N - 1.
+    pub resume_from_stage: Option<usize>,
+}
+
+/// What a run leaves behind.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
     pub run_dir: PathBuf,
-    /// Optimizer steps taken in each stage.
+    /// Optimizer steps taken in each stage run by this call (a stage resumed mid-way counts
+    /// from its start).
     pub steps: Vec<usize>,
-    /// The adapters after the last stage.
+    /// The adapters after the last stage (absent when stopped early).
     pub adapters: PathBuf,
+    /// Stopped by SIGTERM / SIGUSR1 after writing a checkpoint; resume with `--resume`.
+    pub stopped: bool,
 }
 
 /// The run's model, data and reference log-probs, loaded once for every stage.
@@ -149,18 +177,51 @@ struct Run<'a> {
     data: PreferenceData,
     reference: ReferenceLogps,
     metrics: std::fs::File,
+    meta: AdapterMeta,
+    checkpoints: PathBuf,
+    /// Set by SIGTERM or SIGUSR1: stop at the next step boundary with a checkpoint.
+    stop: Arc<AtomicBool>,
 }
 
-/// Trains every stage of the configured method. `config_text` is the TOML as given, saved in
-/// the run directory beside the resolved config.
-pub fn train(config: &RunConfig, config_text: &str) -> Result<TrainSummary> {
+/// Where a stage resumes within itself.
+struct StagePosition {
+    step: usize,
+    epoch: usize,
+    pairs_into_epoch: usize,
+    optimizer: HashMap<String, Tensor>,
+    optimizer_steps: i64,
+    optimizer_params: Vec<String>,
+}
+
+/// How a stage ended.
+enum StageEnd {
+    Finished(usize),
+    Stopped,
+}
+
+/// Trains every stage of the configured method, or the rest of them after a checkpoint.
+/// `config_text` is the TOML as given, saved in the run directory with the resolved config.
+pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Result<TrainSummary> {
     let run_dir = config.train.output_dir.clone();
-    prepare_run_dir(&run_dir)?;
-    std::fs::write(run_dir.join("config.toml"), config_text)?;
-    std::fs::write(
-        run_dir.join("resolved_config.json"),
-        serde_json::to_string_pretty(config)?,
-    )?;
+    let checkpoints = checkpoint::checkpoints_dir(&run_dir);
+    let resuming = options.resume || options.resume_from_stage.is_some();
+    if resuming {
+        if !run_dir.join("config.toml").is_file() {
+            bail!("nothing to resume: {} holds no run", run_dir.display());
+        }
+    } else {
+        prepare_run_dir(&run_dir)?;
+        std::fs::write(run_dir.join("config.toml"), config_text)?;
+        std::fs::write(
+            run_dir.join("resolved_config.json"),
+            serde_json::to_string_pretty(config)?,
+        )?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install signal handlers")?;
+    }
 
     let device = model::select_device(config.model.device, 0)?;
     let kind = model::select_kind(config.model.dtype, device);
@@ -192,7 +253,28 @@ pub fn train(config: &RunConfig, config_text: &str) -> Result<TrainSummary> {
     )?;
     tracing::info!(cached, "reference log-probs ready");
 
-    let metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
+    let meta = AdapterMeta::new(
+        &config.model.path,
+        &loaded.fingerprint,
+        &data.dimensions,
+        &spec,
+    );
+    // Where to start: stage 1 step 0, or a checkpoint's position.
+    let resume_point = match (options.resume_from_stage, options.resume) {
+        (Some(1), _) => {
+            bail!("--resume-from-stage 1 is a fresh start: train into a new output_dir instead")
+        }
+        (Some(stage), _) => Some(checkpoint::stage_final_checkpoint(&checkpoints, stage - 1)?),
+        (None, true) => Some(
+            checkpoint::latest_valid_checkpoint(&checkpoints)?
+                .with_context(|| format!("no valid checkpoint in {}", checkpoints.display()))?,
+        ),
+        (None, false) => None,
+    };
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))?;
     let mut run = Run {
         config,
         device,
@@ -201,29 +283,105 @@ pub fn train(config: &RunConfig, config_text: &str) -> Result<TrainSummary> {
         data,
         reference,
         metrics,
+        meta,
+        checkpoints,
+        stop,
     };
-    let meta = AdapterMeta::new(
-        &config.model.path,
-        &run.loaded.fingerprint,
-        &run.data.dimensions,
-        &spec,
-    );
+    let plan = stages(config.method.name);
+    let (mut first_stage, mut position) = (1, None);
+    if let Some((dir, state)) = resume_point {
+        check_resumable(&run, &state, &dir)?;
+        checkpoint::load_adapters(&dir.join(ADAPTERS_FILE), &run.loaded.adapters)?;
+        if state.stage_finished {
+            first_stage = state.stage + 1;
+        } else {
+            first_stage = state.stage;
+            position = Some(StagePosition {
+                step: state.step,
+                epoch: state.epoch,
+                pairs_into_epoch: state.pairs_into_epoch,
+                optimizer: checkpoint::read_optimizer_state(&dir)?,
+                optimizer_steps: state.optimizer_steps,
+                optimizer_params: state.optimizer_params.clone(),
+            });
+        }
+        if first_stage > plan.len() && options.resume_from_stage.is_some() {
+            bail!(
+                "the method has {} stages; there is no stage {first_stage}",
+                plan.len()
+            );
+        }
+        tracing::info!(checkpoint = %dir.display(), stage = first_stage, step = state.step, "resuming");
+        writeln!(
+            run.metrics,
+            "{}",
+            json!({"event": "resumed", "checkpoint": dir.display().to_string(), "stage": state.stage, "step": state.step})
+        )?;
+    }
+
     let mut steps = Vec::new();
-    for stage in stages(config.method.name) {
-        steps.push(run_stage(&mut run, &stage)?);
-        let stage_file = run_dir
-            .join(format!("stage-{}", stage.number))
-            .join(ADAPTERS_FILE);
-        checkpoint::save_adapters(&stage_file, &run.loaded.adapters, &meta)?;
-        tracing::info!(stage = stage.number, path = %stage_file.display(), "stage finished");
+    for stage in plan.iter().filter(|s| s.number >= first_stage) {
+        match run_stage(&mut run, stage, position.take())? {
+            StageEnd::Finished(n) => steps.push(n),
+            StageEnd::Stopped => {
+                return Ok(TrainSummary {
+                    run_dir: run_dir.clone(),
+                    steps,
+                    adapters: run_dir.join(ADAPTERS_FILE),
+                    stopped: true,
+                })
+            }
+        }
     }
     let adapters = run_dir.join(ADAPTERS_FILE);
-    checkpoint::save_adapters(&adapters, &run.loaded.adapters, &meta)?;
+    checkpoint::save_adapters(&adapters, &run.loaded.adapters, &run.meta)?;
     Ok(TrainSummary {
         run_dir,
         steps,
         adapters,
+        stopped: false,
     })
+}
+
+fn data_fingerprint(run: &Run) -> String {
+    reference::cache_key(
+        &run.loaded.fingerprint,
+        run.loaded.model.kind(),
+        &run.data.train.pairs,
+    )
+}
+
+/// A checkpoint resumes this run only if it was written for the same model, dimensions and
+/// result-relevant config; the error lists every difference.
+fn check_resumable(run: &Run, state: &TrainerState, dir: &Path) -> Result<()> {
+    let mut problems = Vec::new();
+    if state.model_fingerprint != run.loaded.fingerprint {
+        problems.push(format!(
+            "model: fingerprint {} -> {}",
+            state.model_fingerprint, run.loaded.fingerprint
+        ));
+    }
+    if state.data_fingerprint != data_fingerprint(run) {
+        problems.push("training data: the tokenized pairs differ (data file, tokenizer, template or max_length)".into());
+    }
+    if state.dimensions != run.data.dimensions {
+        problems.push(format!(
+            "dimensions: {:?} -> {:?}",
+            state.dimensions, run.data.dimensions
+        ));
+    }
+    problems.extend(config::differences(
+        &state.config,
+        &run.config.result_relevant(),
+    ));
+    if !problems.is_empty() {
+        bail!(
+            "checkpoint {} belongs to a different run:\n  {}",
+            dir.display(),
+            problems.join("\n  ")
+        );
+    }
+    Ok(())
 }
 
 /// A new run never writes into a directory that holds a previous run's files.
@@ -238,25 +396,28 @@ fn prepare_run_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot create run directory {}", dir.display()))
 }
 
-/// Sets which adapter tensors receive gradients; returns the trainable ones.
-fn set_trainable(model: &CausalLm, trainable: Trainable) -> Vec<Tensor> {
+/// Sets which adapter tensors receive gradients; returns the trainable ones with their names.
+fn set_trainable(model: &CausalLm, trainable: Trainable) -> Vec<(String, Tensor)> {
+    let shared_on = matches!(trainable, Trainable::Shared | Trainable::All);
+    let dimensions_on = matches!(trainable, Trainable::Dimensions | Trainable::All);
     let mut params = Vec::new();
-    for (_, projection) in model.projections() {
+    for (module, projection) in model.projections() {
         let adapter = projection
             .adapter
             .as_ref()
             .expect("training needs adapters");
-        for pair in adapter.shared.iter() {
-            for t in [&pair.a, &pair.b] {
-                let on = matches!(trainable, Trainable::Shared | Trainable::All);
-                params.extend(on.then(|| t.shallow_clone()));
-                let _ = t.shallow_clone().set_requires_grad(on);
-            }
+        let mut tensors = vec![];
+        if let Some(shared) = &adapter.shared {
+            tensors.push(("shared_a", &shared.a, shared_on));
+            tensors.push(("shared_b", &shared.b, shared_on));
         }
-        for t in [&adapter.dimensions.a, &adapter.dimensions.b] {
-            let on = matches!(trainable, Trainable::Dimensions | Trainable::All);
-            params.extend(on.then(|| t.shallow_clone()));
-            let _ = t.shallow_clone().set_requires_grad(on);
+        tensors.push(("dims_a", &adapter.dimensions.a, dimensions_on));
+        tensors.push(("dims_b", &adapter.dimensions.b, dimensions_on));
+        for (name, tensor, on) in tensors {
+            let _ = tensor.shallow_clone().set_requires_grad(on);
+            if on {
+                params.push((format!("{module}.{name}"), tensor.shallow_clone()));
+            }
         }
     }
     params
@@ -303,11 +464,15 @@ fn draw_weights(
     }
 }
 
-/// Runs one stage; returns the optimizer steps taken.
-fn run_stage(run: &mut Run, stage: &Stage) -> Result<usize> {
+/// Runs one stage (from `position` when resuming within it), with periodic and final
+/// checkpoints; returns how it ended.
+fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> Result<StageEnd> {
     let config = run.config;
     let (k, device) = (run.data.dimensions.len(), run.device);
-    let params = set_trainable(&run.loaded.model, stage.trainable);
+    let (param_names, params): (Vec<String>, Vec<Tensor>) =
+        set_trainable(&run.loaded.model, stage.trainable)
+            .into_iter()
+            .unzip();
     let t = &config.train;
     let mut optimizer = AdamW::new(
         params,
@@ -316,6 +481,17 @@ fn run_stage(run: &mut Run, stage: &Stage) -> Result<usize> {
         t.adam_eps,
         t.weight_decay,
     );
+    let (mut step, start_epoch, mut skip_batches) = match &position {
+        None => (0, 0, 0),
+        Some(p) => {
+            restore_optimizer(&mut optimizer, &param_names, p)?;
+            (
+                p.step,
+                p.epoch,
+                p.pairs_into_epoch / config.data.global_batch,
+            )
+        }
+    };
     let (rank, world_size) = (0, 1);
     let plan = BatchPlan::new(&config.data, world_size)?;
     let pool = pool_ids(&run.data, stage.pool);
@@ -352,8 +528,10 @@ fn run_stage(run: &mut Run, stage: &Stage) -> Result<usize> {
         "stage starts"
     );
 
-    let mut step = 0;
-    'epochs: for epoch in 0..t.epochs {
+    progress.set_position(step as u64);
+    // The data cursor after the last step: (epoch, pairs of it consumed).
+    let mut cursor = (start_epoch, skip_batches * config.data.global_batch);
+    'epochs: for epoch in start_epoch..t.epochs {
         let stage_seed = config.data.seed.wrapping_add(stage.number as u64);
         let batches = epoch_batches(
             &run.data.train.pool(&pool),
@@ -361,7 +539,8 @@ fn run_stage(run: &mut Run, stage: &Stage) -> Result<usize> {
             stage_seed,
             epoch as u64,
         );
-        for global in &batches.batches {
+        let skip = std::mem::take(&mut skip_batches);
+        for (batch_index, global) in batches.batches.iter().enumerate().skip(skip) {
             if step == total_steps {
                 break 'epochs;
             }
@@ -444,6 +623,7 @@ fn run_stage(run: &mut Run, stage: &Stage) -> Result<usize> {
             optimizer.step(lr);
             optimizer.zero_grad();
             step += 1;
+            cursor = (epoch, (batch_index + 1) * config.data.global_batch);
             let record = metrics_record(
                 stage,
                 epoch,
@@ -458,11 +638,103 @@ fn run_stage(run: &mut Run, stage: &Stage) -> Result<usize> {
             writeln!(run.metrics, "{record}")?;
             tracing::debug!(%record, "step");
             progress.inc(1);
+            // SIGTERM / SIGUSR1: checkpoint at this step boundary and stop.
+            let stop = run.stop.load(Ordering::SeqCst);
+            let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
+            if step < total_steps && (stop || periodic) {
+                write_checkpoint(run, stage, step, false, cursor, &optimizer, &param_names)?;
+                checkpoint::prune_checkpoints(&run.checkpoints, t.keep_checkpoints)?;
+            }
+            if stop {
+                progress.abandon();
+                tracing::warn!(
+                    stage = stage.number,
+                    step,
+                    "stopped by signal after a checkpoint; resume with --resume"
+                );
+                return Ok(StageEnd::Stopped);
+            }
         }
     }
     progress.finish_and_clear();
+    write_checkpoint(run, stage, step, true, cursor, &optimizer, &param_names)?;
     tracing::info!(stage = stage.number, steps = step, "stage done");
-    Ok(step)
+    Ok(StageEnd::Finished(step))
+}
+
+/// Writes a checkpoint of the current adapters, optimizer and position.
+fn write_checkpoint(
+    run: &Run,
+    stage: &Stage,
+    step: usize,
+    stage_finished: bool,
+    (epoch, pairs_into_epoch): (usize, usize),
+    optimizer: &AdamW,
+    param_names: &[String],
+) -> Result<()> {
+    let mut moments = Vec::with_capacity(2 * param_names.len());
+    for (i, (m, v)) in optimizer
+        .exp_avg
+        .iter()
+        .zip(&optimizer.exp_avg_sq)
+        .enumerate()
+    {
+        moments.push((format!("exp_avg.{i}"), m.shallow_clone()));
+        moments.push((format!("exp_avg_sq.{i}"), v.shallow_clone()));
+    }
+    let state = TrainerState {
+        version: checkpoint::CHECKPOINT_VERSION,
+        stage: stage.number,
+        stage_name: stage.name.to_string(),
+        step,
+        stage_finished,
+        epoch,
+        pairs_into_epoch,
+        optimizer_params: param_names.to_vec(),
+        optimizer_steps: optimizer.step,
+        model_fingerprint: run.loaded.fingerprint.clone(),
+        data_fingerprint: data_fingerprint(run),
+        dimensions: run.data.dimensions.clone(),
+        config: run.config.result_relevant(),
+        world_size: 1,
+    };
+    let dir = checkpoint::write_checkpoint(
+        &run.checkpoints,
+        &run.loaded.adapters,
+        &run.meta,
+        &moments,
+        &state,
+    )?;
+    tracing::info!(checkpoint = %dir.display(), "checkpoint written");
+    Ok(())
+}
+
+/// Loads a checkpoint's optimizer moments into a fresh optimizer over the same parameters.
+fn restore_optimizer(
+    optimizer: &mut AdamW,
+    param_names: &[String],
+    position: &StagePosition,
+) -> Result<()> {
+    if position.optimizer_params != param_names {
+        bail!("the checkpoint's optimizer holds other parameters than this stage trains");
+    }
+    let _no_grad = tch::no_grad_guard();
+    for (i, (m, v)) in optimizer
+        .exp_avg
+        .iter_mut()
+        .zip(optimizer.exp_avg_sq.iter_mut())
+        .enumerate()
+    {
+        for (name, target) in [(format!("exp_avg.{i}"), m), (format!("exp_avg_sq.{i}"), v)] {
+            let saved = position
+                .optimizer
+                .get(&name)
+                .with_context(|| format!("checkpoint optimizer lacks `{name}`"))?;
+            target.copy_(saved);
+        }
+    }
+    optimizer.step = position.optimizer_steps;
+    Ok(())
 }
 
 /// One line of `metrics.jsonl`.

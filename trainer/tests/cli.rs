@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn modpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modpo-trainer")).args(args).output().expect("run modpo-trainer")
+    Command::new(env!("CARGO_BIN_EXE_modpo-trainer"))
+        .args(args)
+        .output()
+        .expect("run modpo-trainer")
 }
 
 fn stderr(output: &Output) -> String {
@@ -18,7 +21,10 @@ fn tiny_model(dir: &Path) {
 }
 
 fn pku_sample() -> String {
-    format!("{}/../../shared/data/pku_saferlhf_sample.jsonl", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/../../shared/data/pku_saferlhf_sample.jsonl",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 fn write_config(dir: &Path, train_file: &str, extra_train: &str) -> String {
@@ -49,24 +55,39 @@ fn info_prints_the_model_and_refuses_a_directory_without_config() {
     let out = modpo(&["info", "--model", model.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(text.contains("Llama") && text.contains("parameters") && text.contains("<|im_start|>user"), "{text}");
+    assert!(
+        text.contains("Llama") && text.contains("parameters") && text.contains("<|im_start|>user"),
+        "{text}"
+    );
     std::fs::remove_file(model.join("config.json")).unwrap();
     let out = modpo(&["info", "--model", model.to_str().unwrap()]);
-    assert!(!out.status.success() && stderr(&out).contains("config.json not found"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("config.json not found"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn malformed_data_line_names_file_and_line() {
     let tmp = tempfile::tempdir().unwrap();
     tiny_model(&tmp.path().join("model"));
-    let lines: Vec<String> = std::fs::read_to_string(pku_sample()).unwrap().lines().take(5).map(String::from).collect();
+    let lines: Vec<String> = std::fs::read_to_string(pku_sample())
+        .unwrap()
+        .lines()
+        .take(5)
+        .map(String::from)
+        .collect();
     let broken = format!("{}\n{}\n{{\"prompt\": oops\n", lines[0], lines[1]);
     std::fs::write(tmp.path().join("broken.jsonl"), broken).unwrap();
     let config = write_config(tmp.path(), "broken.jsonl", "");
     let out = modpo(&["data", "inspect", "--config", &config]);
     let err = stderr(&out);
     assert!(!out.status.success(), "malformed data must fail");
-    assert!(err.contains("broken.jsonl") && err.contains('3'), "names the file and line 3: {err}");
+    assert!(
+        err.contains("broken.jsonl") && err.contains('3'),
+        "names the file and line 3: {err}"
+    );
 }
 
 #[test]
@@ -75,7 +96,11 @@ fn unknown_config_key_is_named() {
     tiny_model(&tmp.path().join("model"));
     let config = write_config(tmp.path(), &pku_sample(), "learning_rat = 1e-4\n");
     let out = modpo(&["train", "--config", &config]);
-    assert!(!out.status.success() && stderr(&out).contains("learning_rat"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("learning_rat"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -88,23 +113,59 @@ fn train_then_export_and_refuse_bad_weights_or_existing_output() {
     // A second run into the same directory is refused: nothing of the first is overwritten.
     let metrics = std::fs::read(tmp.path().join("run/metrics.jsonl")).unwrap();
     let again = modpo(&["train", "--config", &config]);
-    assert!(!again.status.success() && stderr(&again).contains("already holds a run"), "{}", stderr(&again));
-    assert_eq!(std::fs::read(tmp.path().join("run/metrics.jsonl")).unwrap(), metrics);
+    assert!(
+        !again.status.success() && stderr(&again).contains("already holds a run"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("run/metrics.jsonl")).unwrap(),
+        metrics
+    );
 
     let run = tmp.path().join("run");
-    let export = |weights: &str, out: &Path| modpo(&["export", "--run", run.to_str().unwrap(), "--weights", weights, "--out", out.to_str().unwrap()]);
+    let export = |weights: &str, out: &Path| {
+        modpo(&[
+            "export",
+            "--run",
+            run.to_str().unwrap(),
+            "--weights",
+            weights,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
     let good = tmp.path().join("peft");
     let out = export("0.3,0.7", &good);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(good.join("adapter_config.json").is_file() && good.join("adapter_model.safetensors").is_file());
+    assert!(
+        good.join("adapter_config.json").is_file()
+            && good.join("adapter_model.safetensors").is_file()
+    );
 
-    for (weights, message) in [("0.5,0.6", "not on the simplex"), ("0.2,0.3,0.5", "k = 2"), ("1.2,-0.2", "non-negative"), ("a,b", "not a number")] {
+    for (weights, message) in [
+        ("0.5,0.6", "not on the simplex"),
+        ("0.2,0.3,0.5", "k = 2"),
+        ("1.2,-0.2", "non-negative"),
+        ("a,b", "not a number"),
+    ] {
         let out = export(weights, &tmp.path().join("never"));
-        assert!(!out.status.success() && stderr(&out).contains(message), "{weights}: {}", stderr(&out));
+        assert!(
+            !out.status.success() && stderr(&out).contains(message),
+            "{weights}: {}",
+            stderr(&out)
+        );
         assert!(!tmp.path().join("never").exists());
     }
     let before = std::fs::read(good.join("adapter_model.safetensors")).unwrap();
     let out = export("0.5,0.5", &good);
-    assert!(!out.status.success() && stderr(&out).contains("not empty"), "{}", stderr(&out));
-    assert_eq!(std::fs::read(good.join("adapter_model.safetensors")).unwrap(), before);
+    assert!(
+        !out.status.success() && stderr(&out).contains("not empty"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(good.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
 }
