@@ -11,7 +11,7 @@ use modpo_trainer::config::RunConfig;
 use modpo_trainer::data;
 use modpo_trainer::eval::{self, conflict_pairs, Bootstrap, CompareOptions};
 use modpo_trainer::tokenizer::ChatTokenizer;
-use modpo_trainer::train::train;
+use modpo_trainer::train::{train, Cluster};
 use serde_json::Value;
 
 const METHODS: [&str; 3] = ["curriculum", "panacea", "dpo-soup"];
@@ -32,7 +32,9 @@ fn train_method(tmp: &Path, method: &str) -> PathBuf {
     let path = tmp.join(format!("{method}.toml"));
     std::fs::write(&path, &text).unwrap();
     let config = RunConfig::load(&path).unwrap();
-    train(&config, &text, Default::default()).unwrap().run_dir
+    train(&config, &text, Default::default(), &Cluster::single())
+        .unwrap()
+        .run_dir
 }
 
 fn options(runs: Vec<PathBuf>) -> CompareOptions {

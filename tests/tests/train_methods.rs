@@ -16,7 +16,7 @@ use modpo_trainer::model::{load_model, Conditioning, LoadedModel};
 use modpo_trainer::reference;
 use modpo_trainer::step::{self, MicroInputs, Normalisers, StepContext, StepStats};
 use modpo_trainer::tokenizer::ChatTokenizer;
-use modpo_trainer::train::train;
+use modpo_trainer::train::{train, Cluster};
 use tch::{Device, Kind, Tensor};
 
 /// A run directory with a tiny model and a config for `method`; `extra` is appended to the
@@ -76,7 +76,7 @@ fn block(name: &str, t: &Tensor, i: i64, r: i64) -> Tensor {
 fn curriculum_stages_train_only_their_parameters() {
     let tmp = tempfile::tempdir().unwrap();
     let (config, text) = setup(tmp.path(), "curriculum", 160, "max_steps = 3");
-    let summary = train(&config, &text, Default::default()).unwrap();
+    let summary = train(&config, &text, Default::default(), &Cluster::single()).unwrap();
     assert_eq!(summary.steps, vec![3, 3, 3]);
 
     // The initial adapters: the same seed draws the same initialisation.
@@ -292,7 +292,7 @@ fn accuracy_rises(method: &str) {
         &config,
         &tokenizer,
     );
-    let summary = train(&config, &text, Default::default()).unwrap();
+    let summary = train(&config, &text, Default::default(), &Cluster::single()).unwrap();
     let trained = load_model(&config.model.path, Some(&spec), Device::Cpu, Kind::Float).unwrap();
     checkpoint::load_adapters(&summary.adapters, &trained.adapters).unwrap();
     let after = training_accuracy(&trained, &config, &tokenizer);

@@ -103,6 +103,8 @@ impl RunConfig {
             ("data", "eval_file"),
             ("train", "checkpoint_every"),
             ("train", "keep_checkpoints"),
+            ("train", "check_replicas_every"),
+            ("train", "collective"),
             ("data", "micro_batch"),
             ("data", "accumulation"),
             ("data", "cache_dir"),

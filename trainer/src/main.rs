@@ -6,12 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use modpo_launcher::{run_or_abort, Topology};
 use modpo_trainer::checkpoint::{self, ADAPTERS_FILE};
 use modpo_trainer::config::RunConfig;
 use modpo_trainer::export;
 use modpo_trainer::model::{self, load::Checkpoint, ModelConfig};
 use modpo_trainer::tokenizer::{ChatMessage, ChatTokenizer};
-use modpo_trainer::train::TrainOptions;
+use modpo_trainer::train::{Cluster, TrainOptions};
 use tch::{Device, Kind};
 
 #[derive(Parser)]
@@ -46,6 +47,9 @@ enum Command {
         /// Start stage N from the final checkpoint of stage N - 1.
         #[arg(long, value_name = "N")]
         resume_from_stage: Option<usize>,
+        /// Stop after stage N's final checkpoint (one batch job per stage).
+        #[arg(long, value_name = "N")]
+        until_stage: Option<usize>,
     },
     /// Write a tiny random Llama model with a byte-level tokenizer (for smoke runs on CPU).
     TinyModel {
@@ -114,9 +118,13 @@ enum DataCommand {
 }
 
 fn main() -> ExitCode {
+    // Rank 0 tells the story; the other ranks of a job only warn (RUST_LOG overrides both).
+    let is_main_rank = Topology::from_env().map(|t| t.is_main()).unwrap_or(true);
+    let default_level = if is_main_rank { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -130,11 +138,13 @@ fn main() -> ExitCode {
             config,
             resume,
             resume_from_stage,
+            until_stage,
         } => train(
             &config,
             TrainOptions {
                 resume,
                 resume_from_stage,
+                until_stage,
             },
         ),
         Command::TinyModel { out, seed } => tiny_model(&out, seed),
@@ -284,10 +294,29 @@ fn export(run: &Path, weights: &str, out: &Path, merge: bool) -> Result<()> {
     Ok(())
 }
 
+/// One process per GPU (or CPU rank): `mpirun -np N modpo-trainer train ...` or `srun`.
 fn train(config_path: &Path, options: TrainOptions) -> Result<()> {
     let config = RunConfig::load(config_path)?;
     let text = std::fs::read_to_string(config_path)?;
-    let summary = modpo_trainer::train::train(&config, &text, options)?;
+    let topology = Topology::from_env()?;
+    let device = model::select_device(config.model.device, topology.local_rank)?;
+    let (topology, collective) =
+        modpo_launcher::init(config.train.collective_choice()?, device.is_cuda())?;
+    let cluster = Cluster {
+        topology,
+        collective: collective.as_ref(),
+    };
+    let run = || modpo_trainer::train::train(&config, &text, options, &cluster);
+    // Alone, an error returns as usual; in a job it must end every rank, not leave the others
+    // waiting in their next collective.
+    let summary = if topology.world_size == 1 {
+        run()?
+    } else {
+        run_or_abort(collective.as_ref(), run)
+    };
+    if !topology.is_main() {
+        return Ok(());
+    }
     if summary.stopped {
         println!(
             "stopped by signal after a checkpoint in {}; continue with --resume",
@@ -295,12 +324,21 @@ fn train(config_path: &Path, options: TrainOptions) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
-        "trained {} stage(s) ({:?} steps); adapters: {}",
-        summary.steps.len(),
-        summary.steps,
-        summary.adapters.display()
-    );
+    if summary.adapters.is_file() {
+        println!(
+            "trained {} stage(s) ({:?} steps); adapters: {}",
+            summary.steps.len(),
+            summary.steps,
+            summary.adapters.display()
+        );
+    } else {
+        println!(
+            "stage {} finished ({:?} steps); continue with --resume-from-stage {}",
+            summary.last_stage,
+            summary.steps,
+            summary.last_stage + 1
+        );
+    }
     Ok(())
 }
 

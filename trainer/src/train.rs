@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use modpo_launcher::{Collective, CollectiveChoice, Op, Single, Topology};
+
 use crate::checkpoint::{self, AdapterMeta, TrainerState, ADAPTERS_FILE};
 use crate::config::{self, RunConfig};
 use crate::data::{self, collate, epoch_batches, split::seeded_rng, BatchPlan, PreferenceData};
@@ -66,6 +68,13 @@ pub struct TrainConfig {
     /// of each stage, which always gets one).
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Every this many steps, check that all ranks hold bit-identical adapters (0: never).
+    #[serde(default)]
+    pub check_replicas_every: usize,
+    /// How ranks reduce gradients: auto (NCCL on GPU, MPI on CPU, none for one process),
+    /// single, mpi or nccl.
+    #[serde(default = "defaults::collective")]
+    pub collective: String,
     /// Periodic checkpoints kept (the newest); stage-final ones are always kept.
     #[serde(default = "defaults::keep_checkpoints")]
     pub keep_checkpoints: usize,
@@ -93,12 +102,22 @@ mod defaults {
     pub fn epochs() -> usize {
         1
     }
+    pub fn collective() -> String {
+        "auto".into()
+    }
     pub fn keep_checkpoints() -> usize {
         2
     }
 }
 
 impl TrainConfig {
+    /// `collective` as a launcher choice.
+    pub fn collective_choice(&self) -> Result<CollectiveChoice> {
+        self.collective
+            .parse()
+            .map_err(|e| anyhow::anyhow!("train.collective: {e}"))
+    }
+
     pub fn validate(&self) -> Result<()> {
         let positive = |v: f64| v > 0.0 && v.is_finite();
         if !positive(self.learning_rate) {
@@ -136,6 +155,7 @@ impl TrainConfig {
         if self.epochs == 0 {
             bail!("train.epochs must be at least 1");
         }
+        self.collective_choice()?;
         if self.keep_checkpoints == 0 {
             bail!("train.keep_checkpoints must be at least 1");
         }
@@ -146,6 +166,32 @@ impl TrainConfig {
     }
 }
 
+/// This process's place in the job and how it talks to the other ranks.
+pub struct Cluster<'a> {
+    pub topology: Topology,
+    pub collective: &'a dyn Collective,
+}
+
+impl Cluster<'static> {
+    /// A process on its own.
+    pub fn single() -> Self {
+        Cluster {
+            topology: Topology::single(),
+            collective: &Single,
+        }
+    }
+}
+
+impl Cluster<'_> {
+    fn is_main(&self) -> bool {
+        self.topology.rank == 0
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.collective.barrier().context("barrier")
+    }
+}
+
 /// How `train` starts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TrainOptions {
@@ -153,6 +199,8 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Start stage N from the final checkpoint of stage N - 1.
     pub resume_from_stage: Option<usize>,
+    /// Stop after the final checkpoint of stage N (a chain of batch jobs, one per stage).
+    pub until_stage: Option<usize>,
 }
 
 /// What a run leaves behind.
@@ -162,8 +210,10 @@ pub struct TrainSummary {
     /// Optimizer steps taken in each stage run by this call (a stage resumed mid-way counts
     /// from its start).
     pub steps: Vec<usize>,
-    /// The adapters after the last stage (absent when stopped early).
+    /// The adapters after the last stage (absent when stopped early or before the last stage).
     pub adapters: PathBuf,
+    /// The last stage that finished in this call.
+    pub last_stage: usize,
     /// Stopped by SIGTERM / SIGUSR1 after writing a checkpoint; resume with `--resume`.
     pub stopped: bool,
 }
@@ -171,12 +221,14 @@ pub struct TrainSummary {
 /// The run's model, data and reference log-probs, loaded once for every stage.
 struct Run<'a> {
     config: &'a RunConfig,
+    cluster: &'a Cluster<'a>,
     device: Device,
     loaded: LoadedModel,
     tokenizer: ChatTokenizer,
     data: PreferenceData,
     reference: ReferenceLogps,
-    metrics: std::fs::File,
+    /// Rank 0 only.
+    metrics: Option<std::fs::File>,
     meta: AdapterMeta,
     checkpoints: PathBuf,
     /// Set by SIGTERM or SIGUSR1: stop at the next step boundary with a checkpoint.
@@ -201,7 +253,15 @@ enum StageEnd {
 
 /// Trains every stage of the configured method, or the rest of them after a checkpoint.
 /// `config_text` is the TOML as given, saved in the run directory with the resolved config.
-pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Result<TrainSummary> {
+///
+/// Every rank calls it; rank 0 alone writes files. Every rank takes the same stage
+/// transitions, since all of them decide from the same data, config and reduced numbers.
+pub fn train(
+    config: &RunConfig,
+    config_text: &str,
+    options: TrainOptions,
+    cluster: &Cluster,
+) -> Result<TrainSummary> {
     let run_dir = config.train.output_dir.clone();
     let checkpoints = checkpoint::checkpoints_dir(&run_dir);
     let resuming = options.resume || options.resume_from_stage.is_some();
@@ -209,7 +269,7 @@ pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Re
         if !run_dir.join("config.toml").is_file() {
             bail!("nothing to resume: {} holds no run", run_dir.display());
         }
-    } else {
+    } else if cluster.is_main() {
         prepare_run_dir(&run_dir)?;
         std::fs::write(run_dir.join("config.toml"), config_text)?;
         std::fs::write(
@@ -217,13 +277,14 @@ pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Re
             serde_json::to_string_pretty(config)?,
         )?;
     }
+    cluster.barrier()?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("cannot install signal handlers")?;
     }
 
-    let device = model::select_device(config.model.device, 0)?;
+    let device = model::select_device(config.model.device, cluster.topology.local_rank)?;
     let kind = model::select_kind(config.model.dtype, device);
     let tokenizer =
         ChatTokenizer::from_model_dir(&config.model.path, config.model.chat_template.as_deref())?;
@@ -242,15 +303,29 @@ pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Re
         .cache_dir
         .clone()
         .unwrap_or_else(|| run_dir.join("cache"));
-    let (reference, cached) = reference::load_or_compute(
-        &cache_dir,
-        &loaded.fingerprint,
-        &loaded.model,
-        &data.train.pairs,
-        config.data.micro_batch,
-        tokenizer.pad_token_id(),
-        device,
-    )?;
+    // Rank 0 computes (or finds) the reference log-probs and caches them; the other ranks
+    // read that cache after the barrier rather than compute the same numbers again.
+    let load_reference = || {
+        reference::load_or_compute(
+            &cache_dir,
+            &loaded.fingerprint,
+            &loaded.model,
+            &data.train.pairs,
+            config.data.micro_batch,
+            tokenizer.pad_token_id(),
+            device,
+        )
+    };
+    let main_reference = if cluster.is_main() {
+        Some(load_reference()?)
+    } else {
+        None
+    };
+    cluster.barrier()?;
+    let (reference, cached) = match main_reference {
+        Some(found) => found,
+        None => load_reference()?,
+    };
     tracing::info!(cached, "reference log-probs ready");
 
     let meta = AdapterMeta::new(
@@ -271,12 +346,18 @@ pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Re
         ),
         (None, false) => None,
     };
-    let metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("metrics.jsonl"))?;
+    let metrics = match cluster.is_main() {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run_dir.join("metrics.jsonl"))?,
+        ),
+        false => None,
+    };
     let mut run = Run {
         config,
+        cluster,
         device,
         loaded,
         tokenizer,
@@ -312,15 +393,23 @@ pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Re
             );
         }
         tracing::info!(checkpoint = %dir.display(), stage = first_stage, step = state.step, "resuming");
-        writeln!(
-            run.metrics,
-            "{}",
-            json!({"event": "resumed", "checkpoint": dir.display().to_string(), "stage": state.stage, "step": state.step})
-        )?;
+        if let Some(metrics) = run.metrics.as_mut() {
+            let event = json!({"event": "resumed", "checkpoint": dir.display().to_string(),
+                               "stage": state.stage, "step": state.step});
+            writeln!(metrics, "{event}")?;
+        }
     }
+    // Every rank starts from rank 0's adapters, fresh or resumed alike.
+    let mut adapter_tensors = run.loaded.adapters.trainable_variables();
+    tch::no_grad(|| cluster.collective.broadcast(&mut adapter_tensors))
+        .context("broadcasting the adapters from rank 0")?;
 
+    let last_stage = options.until_stage.unwrap_or(plan.len()).min(plan.len());
     let mut steps = Vec::new();
-    for stage in plan.iter().filter(|s| s.number >= first_stage) {
+    for stage in plan
+        .iter()
+        .filter(|s| (first_stage..=last_stage).contains(&s.number))
+    {
         match run_stage(&mut run, stage, position.take())? {
             StageEnd::Finished(n) => steps.push(n),
             StageEnd::Stopped => {
@@ -328,17 +417,22 @@ pub fn train(config: &RunConfig, config_text: &str, options: TrainOptions) -> Re
                     run_dir: run_dir.clone(),
                     steps,
                     adapters: run_dir.join(ADAPTERS_FILE),
+                    last_stage: stage.number - 1,
                     stopped: true,
                 })
             }
         }
     }
     let adapters = run_dir.join(ADAPTERS_FILE);
-    checkpoint::save_adapters(&adapters, &run.loaded.adapters, &run.meta)?;
+    if cluster.is_main() && last_stage == plan.len() {
+        checkpoint::save_adapters(&adapters, &run.loaded.adapters, &run.meta)?;
+    }
+    cluster.barrier()?;
     Ok(TrainSummary {
         run_dir,
         steps,
         adapters,
+        last_stage,
         stopped: false,
     })
 }
@@ -492,7 +586,8 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
             )
         }
     };
-    let (rank, world_size) = (0, 1);
+    let (rank, world_size) = (run.cluster.topology.rank, run.cluster.topology.world_size);
+    let collective = run.cluster.collective;
     let plan = BatchPlan::new(&config.data, world_size)?;
     let pool = pool_ids(&run.data, stage.pool);
     let steps_per_epoch = pool.len() / config.data.global_batch;
@@ -519,6 +614,9 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
         )
         .expect("valid template"),
     );
+    if !run.cluster.is_main() {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     progress.set_message(format!("{} {}", stage.number, stage.name));
     tracing::info!(
         stage = stage.number,
@@ -602,6 +700,11 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
                 };
                 step::accumulate(&context, &inputs, &norms, &mut stats);
             }
+            // One flat all-reduce per dtype of the gradients, then identical updates everywhere.
+            let mut grads: Vec<Tensor> = optimizer.params.iter().map(Tensor::grad).collect();
+            collective
+                .all_reduce_mean(&mut grads)
+                .context("all-reduce of the gradients")?;
             let grad_norm = optimizer.clip_grad_norm(t.max_grad_norm);
             let lr = learning_rate(
                 t.learning_rate,
@@ -610,8 +713,13 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
                 step,
                 total_steps,
             );
-            let sums =
+            let mut sums =
                 Vec::<f64>::try_from(stats.sums.to_device(Device::Cpu).to_kind(Kind::Double))?;
+            sums.push(stats.tokens as f64);
+            collective
+                .all_reduce_f64(&mut sums, Op::Sum)
+                .context("reducing the step's metrics")?;
+            let tokens = sums.pop().unwrap_or(0.0) as i64;
             if !sums[0].is_finite() || !grad_norm.is_finite() {
                 bail!(
                     "stage {} step {step}: the loss is {} and the gradient norm {grad_norm}; stopping \
@@ -632,18 +740,30 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
                 grad_norm,
                 &sums,
                 &run.data.dimensions,
-                stats.tokens,
+                tokens,
                 started,
             );
-            writeln!(run.metrics, "{record}")?;
+            if let Some(metrics) = run.metrics.as_mut() {
+                writeln!(metrics, "{record}")?;
+            }
             tracing::debug!(%record, "step");
             progress.inc(1);
             // SIGTERM / SIGUSR1: checkpoint at this step boundary and stop.
-            let stop = run.stop.load(Ordering::SeqCst);
+            // A signal to any rank stops every rank at this same step.
+            let mut stop_flag = [f64::from(u8::from(run.stop.load(Ordering::SeqCst)))];
+            collective
+                .all_reduce_f64(&mut stop_flag, Op::Max)
+                .context("reducing the stop flag")?;
+            let stop = stop_flag[0] > 0.0;
+            if t.check_replicas_every > 0 && step % t.check_replicas_every == 0 {
+                check_replicas(collective, &optimizer.params, stage.number, step)?;
+            }
             let periodic = t.checkpoint_every > 0 && step % t.checkpoint_every == 0;
             if step < total_steps && (stop || periodic) {
                 write_checkpoint(run, stage, step, false, cursor, &optimizer, &param_names)?;
-                checkpoint::prune_checkpoints(&run.checkpoints, t.keep_checkpoints)?;
+                if run.cluster.is_main() {
+                    checkpoint::prune_checkpoints(&run.checkpoints, t.keep_checkpoints)?;
+                }
             }
             if stop {
                 progress.abandon();
@@ -662,6 +782,42 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     Ok(StageEnd::Finished(step))
 }
 
+/// Verifies every rank holds the same trainable parameters: three sums over all of them
+/// (plain, squared, position-weighted) must be bit-identical on every rank.
+fn check_replicas(
+    collective: &dyn Collective,
+    params: &[Tensor],
+    stage: usize,
+    step: usize,
+) -> Result<()> {
+    let _no_grad = tch::no_grad_guard();
+    let mut sums = [0f64; 3];
+    for p in params {
+        let flat = p.detach().to_kind(Kind::Double).reshape([-1]);
+        let positions = Tensor::arange(flat.size()[0], (Kind::Double, flat.device())) / 1024.0;
+        sums[0] += flat.sum(Kind::Double).double_value(&[]);
+        sums[1] += flat.square().sum(Kind::Double).double_value(&[]);
+        sums[2] += (&flat * positions.cos())
+            .sum(Kind::Double)
+            .double_value(&[]);
+    }
+    // Max of x and max of -x over ranks give the largest and smallest value of each sum.
+    let mut high = sums;
+    let mut low = sums.map(|v| -v);
+    collective
+        .all_reduce_f64(&mut high, Op::Max)
+        .context("replica check")?;
+    collective
+        .all_reduce_f64(&mut low, Op::Max)
+        .context("replica check")?;
+    let low = low.map(|v| -v);
+    if low != high {
+        bail!("stage {stage} step {step}: the ranks' adapters differ (checksums from {low:?} to {high:?})");
+    }
+    tracing::debug!(stage, step, checksum = sums[0], "replicas identical");
+    Ok(())
+}
+
 /// Writes a checkpoint of the current adapters, optimizer and position.
 fn write_checkpoint(
     run: &Run,
@@ -672,6 +828,9 @@ fn write_checkpoint(
     optimizer: &AdamW,
     param_names: &[String],
 ) -> Result<()> {
+    if !run.cluster.is_main() {
+        return run.cluster.barrier();
+    }
     let mut moments = Vec::with_capacity(2 * param_names.len());
     for (i, (m, v)) in optimizer
         .exp_avg
@@ -696,7 +855,7 @@ fn write_checkpoint(
         data_fingerprint: data_fingerprint(run),
         dimensions: run.data.dimensions.clone(),
         config: run.config.result_relevant(),
-        world_size: 1,
+        world_size: run.cluster.topology.world_size,
     };
     let dir = checkpoint::write_checkpoint(
         &run.checkpoints,
@@ -706,7 +865,7 @@ fn write_checkpoint(
         &state,
     )?;
     tracing::info!(checkpoint = %dir.display(), "checkpoint written");
-    Ok(())
+    run.cluster.barrier()
 }
 
 /// Loads a checkpoint's optimizer moments into a fresh optimizer over the same parameters.

@@ -132,13 +132,15 @@ fn draw_pair(
     let (y_lo, y_hi) = y_range(&all);
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    // Pairs counted per point differ with the ties at each w: say their range.
+    // Pairs counted per point differ with the ties at each w: say their range (a w where
+    // every pair ties has no point).
     let counted: Vec<usize> = comparison
         .settings
         .iter()
         .zip(&comparison.results[0])
         .filter(|(s, _)| s.pair == Some((i, j)))
         .map(|(_, r)| r.accuracy.counted)
+        .filter(|&n| n > 0)
         .collect();
     let (fewest, most) = (
         counted.iter().min().copied().unwrap_or(0),

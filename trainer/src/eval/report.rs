@@ -238,9 +238,14 @@ pub fn to_markdown(comparison: &Comparison) -> String {
             run.run_dir.display()
         );
     }
+    let scored = (0..comparison.settings.len())
+        .filter(|&s| comparison.results[0][s].accuracy.counted > 0)
+        .count();
     let _ = writeln!(
         md,
-        "\n## Summary over {} settings (Table 2)\n\n| run | win rate | mean accuracy |\n|---|---|---|",
+        "\n## Summary over {scored} settings (Table 2)\n\n{} of the {} settings count at \
+         least one pair.\n\n| run | win rate | mean accuracy |\n|---|---|---|",
+        scored,
         comparison.settings.len()
     );
     for (run, m) in comparison.runs.iter().zip(&comparison.summaries) {
