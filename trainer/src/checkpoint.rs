@@ -349,7 +349,7 @@ fn checkpoint_dirs(checkpoints: &Path) -> Result<Vec<PathBuf>> {
             found.push((stage, step, entry.path()));
         }
     }
-    found.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    found.sort_by_key(|(stage, step, _)| std::cmp::Reverse((*stage, *step)));
     Ok(found.into_iter().map(|(_, _, p)| p).collect())
 }
 
