@@ -108,3 +108,84 @@ fn curriculum_on_two_mpi_ranks_equals_one_rank() {
 fn panacea_on_two_mpi_ranks_equals_one_rank() {
     two_ranks_equal_one_rank("panacea");
 }
+
+/// SIGKILL to one rank of `mpirun -np 2 ... train` ends the whole job, non-zero, in seconds
+/// (the surviving rank must not wait forever in its next all-reduce).
+#[test]
+fn killing_one_rank_ends_the_job() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let out = Command::new(bin())
+        .args(["tiny-model", "--out", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(config(tmp.path(), "killed", "curriculum"))
+        .unwrap()
+        .replace("max_steps = 4", "max_steps = 100000\nepochs = 50");
+    let path = tmp.path().join("killed.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut job = Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            bin(),
+            "train",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until training runs (metrics appear), then kill one rank.
+    let started = Instant::now();
+    while std::fs::read_to_string(tmp.path().join("killed/metrics.jsonl"))
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(
+            job.try_wait().unwrap().is_none(),
+            "the job ended before training started"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ranks = Command::new("pgrep")
+        .args(["-P", &job.id().to_string(), "-f", "modpo-trainer"])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert_eq!(pids.len(), 2, "two ranks under mpirun: {pids:?}");
+    assert!(Command::new("kill")
+        .args(["-KILL", &pids[1]])
+        .status()
+        .unwrap()
+        .success());
+    let killed_at = Instant::now();
+    loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            assert!(!status.success(), "the job must fail");
+            break;
+        }
+        if killed_at.elapsed() > Duration::from_secs(30) {
+            let _ = job.kill();
+            panic!("the job still ran 30 s after one rank was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "job ended {:.1} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
+}

@@ -264,3 +264,28 @@ fn a_checkpoint_of_another_config_is_refused_with_the_differences() {
     let out = modpo(&["train", "--config", &config, "--resume-from-stage", "3"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The chain of slurm/stage.sbatch: one process per stage, each ending with --until-stage.
+#[test]
+fn one_job_per_stage_equals_full_run() {
+    let (_, expected) = &reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = workspace(tmp.path(), "");
+    let run = tmp.path().join("run");
+    for args in [
+        vec!["--until-stage", "1"],
+        vec!["--resume-from-stage", "2", "--until-stage", "2"],
+        vec!["--resume-from-stage", "3", "--until-stage", "3"],
+    ] {
+        let mut all = vec!["train", "--config", config.as_str()];
+        all.extend(args.iter());
+        let out = modpo(&all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let stage = args.last().unwrap();
+        assert!(run
+            .join(format!("checkpoints/stage-{stage}-final"))
+            .is_dir());
+        assert_eq!(run.join("adapters.safetensors").exists(), *stage == "3");
+    }
+    assert_same_adapters(&final_adapters(&run), expected);
+}
