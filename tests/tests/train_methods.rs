@@ -325,3 +325,35 @@ fn panacea_raises_training_accuracy() {
 fn dpo_soup_raises_training_accuracy() {
     accuracy_rises("dpo-soup");
 }
+
+/// `train.eval_every` appends held-out conflict accuracy to metrics.jsonl during training
+/// (every 2 steps and at each stage's end).
+#[test]
+fn evaluation_during_training_goes_to_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, text) = setup(
+        tmp.path(),
+        "curriculum",
+        200,
+        "max_steps = 3\neval_every = 2",
+    );
+    let text = text.replace("eval_fraction = 0.0", "eval_fraction = 0.3");
+    std::fs::write(tmp.path().join("config.toml"), &text).unwrap();
+    let config = RunConfig::load(&tmp.path().join("config.toml")).unwrap();
+    let summary = train(&config, &text, Default::default(), &Cluster::single()).unwrap();
+    let metrics = std::fs::read_to_string(summary.run_dir.join("metrics.jsonl")).unwrap();
+    let evals: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval").is_some())
+        .collect();
+    // Steps 2 and 3 (the end) of each of the three stages.
+    assert_eq!(evals.len(), 6, "{metrics}");
+    for e in &evals {
+        let accuracy = e["eval"]["mean_accuracy"]
+            .as_f64()
+            .expect("a mean accuracy");
+        assert!((0.0..=1.0).contains(&accuracy));
+        assert!(e["eval"]["conflict_pairs"].as_u64().unwrap() > 0);
+    }
+}

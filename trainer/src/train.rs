@@ -24,6 +24,7 @@ use modpo_launcher::{Collective, CollectiveChoice, Op, Single, Topology};
 use crate::checkpoint::{self, AdapterMeta, TrainerState, ADAPTERS_FILE};
 use crate::config::{self, RunConfig};
 use crate::data::{self, collate, epoch_batches, split::seeded_rng, BatchPlan, PreferenceData};
+use crate::eval;
 use crate::logps::BatchTensors;
 use crate::method::{stages, PairPool, Stage, Trainable, WeightSampling};
 use crate::model::{self, CausalLm, LoadedModel};
@@ -68,6 +69,11 @@ pub struct TrainConfig {
     /// of each stage, which always gets one).
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Every this many optimizer steps, and at the end of each stage, evaluate conflict-pair
+    /// accuracy on the held-out split at the paper's weight settings into `metrics.jsonl`
+    /// (0: never).
+    #[serde(default)]
+    pub eval_every: usize,
     /// Every this many steps, check that all ranks hold bit-identical adapters (0: never).
     #[serde(default)]
     pub check_replicas_every: usize,
@@ -231,6 +237,9 @@ struct Run<'a> {
     metrics: Option<std::fs::File>,
     meta: AdapterMeta,
     checkpoints: PathBuf,
+    /// Held-out conflict pairs and their reference log-probs, on rank 0 when
+    /// `train.eval_every` > 0.
+    evaluation: Option<ReferenceLogps>,
     /// Set by SIGTERM or SIGUSR1: stop at the next step boundary with a checkpoint.
     stop: Arc<AtomicBool>,
 }
@@ -346,6 +355,24 @@ pub fn train(
         ),
         (None, false) => None,
     };
+    let evaluation = if cluster.is_main() && config.train.eval_every > 0 {
+        let pairs = &data.eval.pairs;
+        let (logps, _) = reference::load_or_compute(
+            &cache_dir,
+            &loaded.fingerprint,
+            &loaded.model,
+            pairs,
+            config.data.micro_batch,
+            tokenizer.pad_token_id(),
+            device,
+        )?;
+        if eval::conflict_pairs(&data.eval).is_empty() {
+            tracing::warn!("train.eval_every is set but the held-out split has no conflict pair");
+        }
+        Some(logps)
+    } else {
+        None
+    };
     let metrics = match cluster.is_main() {
         true => Some(
             std::fs::OpenOptions::new()
@@ -366,6 +393,7 @@ pub fn train(
         metrics,
         meta,
         checkpoints,
+        evaluation,
         stop,
     };
     let plan = stages(config.method.name);
@@ -749,6 +777,12 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
             tracing::debug!(%record, "step");
             progress.inc(1);
             // SIGTERM / SIGUSR1: checkpoint at this step boundary and stop.
+            if t.eval_every > 0 && (step % t.eval_every == 0 || step == total_steps) {
+                let record = evaluate_held_out(run, stage, step);
+                if let (Some(metrics), Some(record)) = (run.metrics.as_mut(), record) {
+                    writeln!(metrics, "{record}")?;
+                }
+            }
             // A signal to any rank stops every rank at this same step.
             let mut stop_flag = [f64::from(u8::from(run.stop.load(Ordering::SeqCst)))];
             collective
@@ -780,6 +814,39 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     write_checkpoint(run, stage, step, true, cursor, &optimizer, &param_names)?;
     tracing::info!(stage = stage.number, steps = step, "stage done");
     Ok(StageEnd::Finished(step))
+}
+
+/// Rank 0 evaluates the held-out conflict pairs at the paper's settings (METHOD.md
+/// section 6): the `metrics.jsonl` line, on rank 0 when there is something to evaluate.
+fn evaluate_held_out(run: &Run, stage: &Stage, step: usize) -> Option<serde_json::Value> {
+    let reference = run.evaluation.as_ref()?;
+    let pairs = eval::conflict_pairs(&run.data.eval);
+    if pairs.is_empty() {
+        return None;
+    }
+    let k = run.data.dimensions.len();
+    let batching = eval::Batching::like_training(
+        run.config.data.micro_batch,
+        k + 1,
+        run.tokenizer.pad_token_id(),
+        run.device,
+    );
+    let bootstrap = eval::Bootstrap {
+        resamples: 200,
+        ..Default::default()
+    };
+    let evaluation = eval::evaluate(
+        &run.loaded.model,
+        &pairs,
+        reference,
+        &eval::paper_settings(k),
+        run.config.method.beta,
+        &batching,
+        &bootstrap,
+    );
+    let record = eval::metrics_record(&run.data.dimensions, &evaluation.results, pairs.len());
+    tracing::info!(stage = stage.number, step, mean_accuracy = %record["mean_accuracy"], "held-out conflict accuracy");
+    Some(json!({"stage": stage.number, "stage_name": stage.name, "step": step, "eval": record}))
 }
 
 /// Verifies every rank holds the same trainable parameters: three sums over all of them
