@@ -34,6 +34,14 @@ fn config(dir: &Path, output: &str, method: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+fn tiny_model(dir: &Path) {
+    let out = Command::new(bin())
+        .args(["tiny-model", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 fn adapters(run: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(run.join("adapters.safetensors"))
         .unwrap()
@@ -43,12 +51,7 @@ fn adapters(run: &Path) -> HashMap<String, Tensor> {
 
 fn two_ranks_equal_one_rank(method: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    let out = Command::new(bin())
-        .args(["tiny-model", "--out", model.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    tiny_model(&tmp.path().join("model"));
 
     // One rank: 8 pairs per step = 4 x 2 accumulation steps.
     let single = config(tmp.path(), "single", method);
@@ -115,12 +118,7 @@ fn panacea_on_two_mpi_ranks_equals_one_rank() {
 fn killing_one_rank_ends_the_job() {
     use std::time::{Duration, Instant};
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    let out = Command::new(bin())
-        .args(["tiny-model", "--out", model.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    tiny_model(&tmp.path().join("model"));
     let text = std::fs::read_to_string(config(tmp.path(), "killed", "curriculum"))
         .unwrap()
         .replace("max_steps = 4", "max_steps = 100000\nepochs = 50");

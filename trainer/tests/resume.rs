@@ -112,14 +112,21 @@ fn wait_for_stage_2(child: &mut Child, run: &Path) {
     }
 }
 
+/// Starts a run in `dir` and returns once it has checkpointed inside stage 2:
+/// (config path, run directory, the running process).
+fn start_and_reach_stage_2(dir: &Path) -> (String, PathBuf, Child) {
+    let config = workspace(dir, "");
+    let run = dir.join("run");
+    let mut child = spawn(&["train", "--config", &config]);
+    wait_for_stage_2(&mut child, &run);
+    (config, run, child)
+}
+
 #[test]
 fn kill_9_inside_stage_2_then_resume_equals_uninterrupted_run() {
     let (_, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let config = workspace(tmp.path(), "");
-    let run = tmp.path().join("run");
-    let mut child = spawn(&["train", "--config", &config]);
-    wait_for_stage_2(&mut child, &run);
+    let (config, run, mut child) = start_and_reach_stage_2(tmp.path());
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(
@@ -136,10 +143,7 @@ fn kill_9_inside_stage_2_then_resume_equals_uninterrupted_run() {
 fn sigterm_checkpoints_exits_zero_and_resumes_exactly() {
     let (_, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let config = workspace(tmp.path(), "");
-    let run = tmp.path().join("run");
-    let mut child = spawn(&["train", "--config", &config]);
-    wait_for_stage_2(&mut child, &run);
+    let (config, run, child) = start_and_reach_stage_2(tmp.path());
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -205,10 +209,7 @@ fn resume_from_stage_3_equals_full_run() {
 fn corrupted_and_half_written_checkpoints_fall_back_to_the_previous_one() {
     let (_, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let config = workspace(tmp.path(), "");
-    let run = tmp.path().join("run");
-    let mut child = spawn(&["train", "--config", &config]);
-    wait_for_stage_2(&mut child, &run);
+    let (config, run, mut child) = start_and_reach_stage_2(tmp.path());
     child.kill().unwrap();
     child.wait().unwrap();
 
