@@ -5,172 +5,45 @@
 //! share of the loss (`step::accumulate`), gradients are averaged over ranks, clipped, and one
 //! optimizer step is taken; metrics go to the log, `metrics.jsonl` and the progress bar. At the
 //! end of a stage its adapters are written under the run directory.
+//!
+//! `train_config` holds the `[train]` section, `stage_setup` what a stage trains on, `resume` the
+//! checkpoint side, `records` the metrics lines.
+
+mod records;
+mod resume;
+mod stage_setup;
+mod train_config;
+
+pub use train_config::TrainConfig;
+
+use records::{evaluate_held_out, metrics_record};
+use resume::{check_resumable, prepare_run_dir, restore_optimizer, write_checkpoint};
+use stage_setup::{draw_weights, pool_ids, set_trainable};
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use rand::Rng;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use modpo_launcher::{Collective, CollectiveChoice, Op, Single, Topology};
+use modpo_launcher::{Collective, Op, Single, Topology};
 
-use crate::checkpoint::{self, AdapterMeta, TrainerState, ADAPTERS_FILE};
-use crate::config::{self, RunConfig};
-use crate::data::{self, collate, epoch_batches, split::seeded_rng, BatchPlan, PreferenceData};
+use crate::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
+use crate::config::RunConfig;
+use crate::data::{self, collate, epoch_batches, BatchPlan, PreferenceData};
 use crate::eval;
 use crate::logps::BatchTensors;
-use crate::method::{stages, PairPool, Stage, Trainable, WeightSampling};
-use crate::model::{self, CausalLm, LoadedModel};
-use crate::optim::{learning_rate, AdamW, Schedule};
+use crate::method::{stages, Stage};
+use crate::model::{self, LoadedModel};
+use crate::optim::{learning_rate, AdamW};
 use crate::reference::{self, ReferenceLogps};
 use crate::step::{self, MicroInputs, Normalisers, StepContext, StepStats};
 use crate::tokenizer::ChatTokenizer;
-
-/// `[train]`: the optimisation and where the run is written.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    /// The run directory: checkpoints, metrics, the resolved config.
-    pub output_dir: PathBuf,
-    #[serde(default = "defaults::learning_rate")]
-    pub learning_rate: f64,
-    #[serde(default = "defaults::warmup_ratio")]
-    pub warmup_ratio: f64,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default)]
-    pub schedule: Schedule,
-    /// Global gradient-norm clipping; 0 disables it.
-    #[serde(default = "defaults::max_grad_norm")]
-    pub max_grad_norm: f64,
-    #[serde(default = "defaults::adam_beta1")]
-    pub adam_beta1: f64,
-    #[serde(default = "defaults::adam_beta2")]
-    pub adam_beta2: f64,
-    #[serde(default = "defaults::adam_eps")]
-    pub adam_eps: f64,
-    /// Passes over each stage's pairs.
-    #[serde(default = "defaults::epochs")]
-    pub epochs: usize,
-    /// At most this many optimizer steps per stage (for short runs).
-    #[serde(default)]
-    pub max_steps: Option<usize>,
-    /// Seed of the adapters' initialisation and of the weight draws.
-    #[serde(default)]
-    pub seed: u64,
-    /// Write a checkpoint every this many optimizer steps within a stage (0: only at the end
-    /// of each stage, which always gets one).
-    #[serde(default)]
-    pub checkpoint_every: usize,
-    /// Every this many optimizer steps, and at the end of each stage, evaluate conflict-pair
-    /// accuracy on the held-out split at the paper's weight settings into `metrics.jsonl`
-    /// (0: never).
-    #[serde(default)]
-    pub eval_every: usize,
-    /// Every this many steps, check that all ranks hold bit-identical adapters (0: never).
-    #[serde(default)]
-    pub check_replicas_every: usize,
-    /// How ranks reduce gradients: auto (NCCL on GPU, MPI on CPU, none for one process),
-    /// single, mpi or nccl.
-    #[serde(default = "defaults::collective")]
-    pub collective: String,
-    /// Periodic checkpoints kept (the newest); stage-final ones are always kept.
-    #[serde(default = "defaults::keep_checkpoints")]
-    pub keep_checkpoints: usize,
-}
-
-mod defaults {
-    pub fn learning_rate() -> f64 {
-        5e-6
-    }
-    pub fn warmup_ratio() -> f64 {
-        0.03
-    }
-    pub fn max_grad_norm() -> f64 {
-        1.0
-    }
-    pub fn adam_beta1() -> f64 {
-        0.9
-    }
-    pub fn adam_beta2() -> f64 {
-        0.999
-    }
-    pub fn adam_eps() -> f64 {
-        1e-8
-    }
-    pub fn epochs() -> usize {
-        1
-    }
-    pub fn collective() -> String {
-        "auto".into()
-    }
-    pub fn keep_checkpoints() -> usize {
-        2
-    }
-}
-
-impl TrainConfig {
-    /// `collective` as a launcher choice.
-    pub fn collective_choice(&self) -> Result<CollectiveChoice> {
-        self.collective
-            .parse()
-            .map_err(|e| anyhow::anyhow!("train.collective: {e}"))
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let positive = |v: f64| v > 0.0 && v.is_finite();
-        if !positive(self.learning_rate) {
-            bail!(
-                "train.learning_rate must be a positive number, got {}",
-                self.learning_rate
-            );
-        }
-        if !(0.0..1.0).contains(&self.warmup_ratio) {
-            bail!(
-                "train.warmup_ratio must be in [0, 1), got {}",
-                self.warmup_ratio
-            );
-        }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            bail!("train.weight_decay must be >= 0, got {}", self.weight_decay);
-        }
-        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
-            bail!(
-                "train.max_grad_norm must be >= 0 (0 disables clipping), got {}",
-                self.max_grad_norm
-            );
-        }
-        for (key, beta) in [
-            ("adam_beta1", self.adam_beta1),
-            ("adam_beta2", self.adam_beta2),
-        ] {
-            if !(0.0..1.0).contains(&beta) {
-                bail!("train.{key} must be in [0, 1), got {beta}");
-            }
-        }
-        if !positive(self.adam_eps) {
-            bail!("train.adam_eps must be positive, got {}", self.adam_eps);
-        }
-        if self.epochs == 0 {
-            bail!("train.epochs must be at least 1");
-        }
-        self.collective_choice()?;
-        if self.keep_checkpoints == 0 {
-            bail!("train.keep_checkpoints must be at least 1");
-        }
-        if self.max_steps == Some(0) {
-            bail!("train.max_steps must be at least 1 when given");
-        }
-        Ok(())
-    }
-}
 
 /// This process's place in the job and how it talks to the other ranks.
 pub struct Cluster<'a> {
@@ -465,127 +338,6 @@ pub fn train(
     })
 }
 
-fn data_fingerprint(run: &Run) -> String {
-    reference::cache_key(
-        &run.loaded.fingerprint,
-        run.loaded.model.kind(),
-        &run.data.train.pairs,
-    )
-}
-
-/// A checkpoint resumes this run only if it was written for the same model, dimensions and
-/// result-relevant config; the error lists every difference.
-fn check_resumable(run: &Run, state: &TrainerState, dir: &Path) -> Result<()> {
-    let mut problems = Vec::new();
-    if state.model_fingerprint != run.loaded.fingerprint {
-        problems.push(format!(
-            "model: fingerprint {} -> {}",
-            state.model_fingerprint, run.loaded.fingerprint
-        ));
-    }
-    if state.data_fingerprint != data_fingerprint(run) {
-        problems.push("training data: the tokenized pairs differ (data file, tokenizer, template or max_length)".into());
-    }
-    if state.dimensions != run.data.dimensions {
-        problems.push(format!(
-            "dimensions: {:?} -> {:?}",
-            state.dimensions, run.data.dimensions
-        ));
-    }
-    problems.extend(config::differences(
-        &state.config,
-        &run.config.result_relevant(),
-    ));
-    if !problems.is_empty() {
-        bail!(
-            "checkpoint {} belongs to a different run:\n  {}",
-            dir.display(),
-            problems.join("\n  ")
-        );
-    }
-    Ok(())
-}
-
-/// A new run never writes into a directory that holds a previous run's files.
-fn prepare_run_dir(dir: &Path) -> Result<()> {
-    if dir.join("config.toml").exists() || dir.join("metrics.jsonl").exists() {
-        bail!(
-            "{} already holds a run: choose another train.output_dir",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create run directory {}", dir.display()))
-}
-
-/// Sets which adapter tensors receive gradients; returns the trainable ones with their names.
-fn set_trainable(model: &CausalLm, trainable: Trainable) -> Vec<(String, Tensor)> {
-    let shared_on = matches!(trainable, Trainable::Shared | Trainable::All);
-    let dimensions_on = matches!(trainable, Trainable::Dimensions | Trainable::All);
-    let mut params = Vec::new();
-    for (module, projection) in model.projections() {
-        let adapter = projection
-            .adapter
-            .as_ref()
-            .expect("training needs adapters");
-        let mut tensors = vec![];
-        if let Some(shared) = &adapter.shared {
-            tensors.push(("shared_a", &shared.a, shared_on));
-            tensors.push(("shared_b", &shared.b, shared_on));
-        }
-        tensors.push(("dims_a", &adapter.dimensions.a, dimensions_on));
-        tensors.push(("dims_b", &adapter.dimensions.b, dimensions_on));
-        for (name, tensor, on) in tensors {
-            let _ = tensor.shallow_clone().set_requires_grad(on);
-            if on {
-                params.push((format!("{module}.{name}"), tensor.shallow_clone()));
-            }
-        }
-    }
-    params
-}
-
-/// The training pairs of a stage's pool.
-fn pool_ids(data: &PreferenceData, pool: PairPool) -> Vec<usize> {
-    match pool {
-        PairPool::Agree => data.train.agree(),
-        PairPool::Conflict => data.train.conflict(),
-        PairPool::All => (0..data.train.pairs.len()).collect(),
-        PairPool::AgreeSubsetAndConflict => {
-            let mut ids = data.agree_subset();
-            ids.extend(data.train.conflict());
-            ids.sort_unstable();
-            ids
-        }
-    }
-}
-
-/// w ~ Dirichlet(1, .., 1) for each pair of a global batch (or one w for all of them), drawn
-/// from (seed, stage, step) so that any world size and accumulation draws the same weights.
-fn draw_weights(
-    seed: u64,
-    stage: usize,
-    step: usize,
-    pairs: usize,
-    k: usize,
-    sampling: WeightSampling,
-) -> Vec<Vec<f32>> {
-    let mut rng = seeded_rng(&format!("weights/stage-{stage}"), seed, step as u64);
-    let mut draw = || {
-        // Normalised unit exponentials are Dirichlet(1).
-        let e: Vec<f64> = (0..k).map(|_| -(1.0 - rng.random::<f64>()).ln()).collect();
-        let total: f64 = e.iter().sum();
-        e.iter().map(|x| (x / total) as f32).collect::<Vec<f32>>()
-    };
-    match sampling {
-        WeightSampling::PerRow => (0..pairs).map(|_| draw()).collect(),
-        WeightSampling::PerStep => {
-            let w = draw();
-            vec![w; pairs]
-        }
-    }
-}
-
 /// Runs one stage (from `position` when resuming within it), with periodic and final
 /// checkpoints; returns how it ended.
 fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> Result<StageEnd> {
@@ -816,39 +568,6 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     Ok(StageEnd::Finished(step))
 }
 
-/// Rank 0 evaluates the held-out conflict pairs at the paper's settings (METHOD.md
-/// section 6): the `metrics.jsonl` line, on rank 0 when there is something to evaluate.
-fn evaluate_held_out(run: &Run, stage: &Stage, step: usize) -> Option<serde_json::Value> {
-    let reference = run.evaluation.as_ref()?;
-    let pairs = eval::conflict_pairs(&run.data.eval);
-    if pairs.is_empty() {
-        return None;
-    }
-    let k = run.data.dimensions.len();
-    let batching = eval::Batching::like_training(
-        run.config.data.micro_batch,
-        k + 1,
-        run.tokenizer.pad_token_id(),
-        run.device,
-    );
-    let bootstrap = eval::Bootstrap {
-        resamples: 200,
-        ..Default::default()
-    };
-    let evaluation = eval::evaluate(
-        &run.loaded.model,
-        &pairs,
-        reference,
-        &eval::paper_settings(k),
-        run.config.method.beta,
-        &batching,
-        &bootstrap,
-    );
-    let record = eval::metrics_record(&run.data.dimensions, &evaluation.results, pairs.len());
-    tracing::info!(stage = stage.number, step, mean_accuracy = %record["mean_accuracy"], "held-out conflict accuracy");
-    Some(json!({"stage": stage.number, "stage_name": stage.name, "step": step, "eval": record}))
-}
-
 /// Verifies every rank holds the same trainable parameters: three sums over all of them
 /// (plain, squared, position-weighted) must be bit-identical on every rank.
 fn check_replicas(
@@ -883,131 +602,4 @@ fn check_replicas(
     }
     tracing::debug!(stage, step, checksum = sums[0], "replicas identical");
     Ok(())
-}
-
-/// Writes a checkpoint of the current adapters, optimizer and position.
-fn write_checkpoint(
-    run: &Run,
-    stage: &Stage,
-    step: usize,
-    stage_finished: bool,
-    (epoch, pairs_into_epoch): (usize, usize),
-    optimizer: &AdamW,
-    param_names: &[String],
-) -> Result<()> {
-    if !run.cluster.is_main() {
-        return run.cluster.barrier();
-    }
-    let mut moments = Vec::with_capacity(2 * param_names.len());
-    for (i, (m, v)) in optimizer
-        .exp_avg
-        .iter()
-        .zip(&optimizer.exp_avg_sq)
-        .enumerate()
-    {
-        moments.push((format!("exp_avg.{i}"), m.shallow_clone()));
-        moments.push((format!("exp_avg_sq.{i}"), v.shallow_clone()));
-    }
-    let state = TrainerState {
-        version: checkpoint::CHECKPOINT_VERSION,
-        stage: stage.number,
-        stage_name: stage.name.to_string(),
-        step,
-        stage_finished,
-        epoch,
-        pairs_into_epoch,
-        optimizer_params: param_names.to_vec(),
-        optimizer_steps: optimizer.step,
-        model_fingerprint: run.loaded.fingerprint.clone(),
-        data_fingerprint: data_fingerprint(run),
-        dimensions: run.data.dimensions.clone(),
-        config: run.config.result_relevant(),
-        world_size: run.cluster.topology.world_size,
-    };
-    let dir = checkpoint::write_checkpoint(
-        &run.checkpoints,
-        &run.loaded.adapters,
-        &run.meta,
-        &moments,
-        &state,
-    )?;
-    tracing::info!(checkpoint = %dir.display(), "checkpoint written");
-    run.cluster.barrier()
-}
-
-/// Loads a checkpoint's optimizer moments into a fresh optimizer over the same parameters.
-fn restore_optimizer(
-    optimizer: &mut AdamW,
-    param_names: &[String],
-    position: &StagePosition,
-) -> Result<()> {
-    if position.optimizer_params != param_names {
-        bail!("the checkpoint's optimizer holds other parameters than this stage trains");
-    }
-    let _no_grad = tch::no_grad_guard();
-    for (i, (m, v)) in optimizer
-        .exp_avg
-        .iter_mut()
-        .zip(optimizer.exp_avg_sq.iter_mut())
-        .enumerate()
-    {
-        for (name, target) in [(format!("exp_avg.{i}"), m), (format!("exp_avg_sq.{i}"), v)] {
-            let saved = position
-                .optimizer
-                .get(&name)
-                .with_context(|| format!("checkpoint optimizer lacks `{name}`"))?;
-            target.copy_(saved);
-        }
-    }
-    optimizer.step = position.optimizer_steps;
-    Ok(())
-}
-
-/// One line of `metrics.jsonl`.
-#[allow(clippy::too_many_arguments)]
-fn metrics_record(
-    stage: &Stage,
-    epoch: usize,
-    step: usize,
-    lr: f64,
-    grad_norm: f64,
-    sums: &[f64],
-    dimensions: &[String],
-    tokens: i64,
-    started: Instant,
-) -> serde_json::Value {
-    let per_dimension: serde_json::Map<String, serde_json::Value> = dimensions
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let (chosen, rejected, correct, count) = (
-                sums[1 + 4 * i],
-                sums[2 + 4 * i],
-                sums[3 + 4 * i],
-                sums[4 + 4 * i],
-            );
-            let n = count.max(1.0);
-            let value = json!({
-                "chosen_reward": chosen / n,
-                "rejected_reward": rejected / n,
-                "margin": (chosen - rejected) / n,
-                "accuracy": correct / n,
-                "pairs": count,
-            });
-            (name.clone(), value)
-        })
-        .collect();
-    let seconds = started.elapsed().as_secs_f64();
-    json!({
-        "stage": stage.number,
-        "stage_name": stage.name,
-        "epoch": epoch,
-        "step": step,
-        "loss": sums[0],
-        "learning_rate": lr,
-        "grad_norm": grad_norm,
-        "tokens_per_second": tokens as f64 / seconds.max(1e-9),
-        "seconds": seconds,
-        "dimensions": per_dimension,
-    })
 }

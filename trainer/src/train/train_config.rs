@@ -1,0 +1,148 @@
+//! `[train]`: the optimisation settings and where the run is written, validated once.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use modpo_launcher::CollectiveChoice;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::Schedule;
+
+/// `[train]`: the optimisation and where the run is written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The run directory: checkpoints, metrics, the resolved config.
+    pub output_dir: PathBuf,
+    #[serde(default = "defaults::learning_rate")]
+    pub learning_rate: f64,
+    #[serde(default = "defaults::warmup_ratio")]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Global gradient-norm clipping; 0 disables it.
+    #[serde(default = "defaults::max_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default = "defaults::adam_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "defaults::adam_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "defaults::adam_eps")]
+    pub adam_eps: f64,
+    /// Passes over each stage's pairs.
+    #[serde(default = "defaults::epochs")]
+    pub epochs: usize,
+    /// At most this many optimizer steps per stage (for short runs).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Seed of the adapters' initialisation and of the weight draws.
+    #[serde(default)]
+    pub seed: u64,
+    /// Write a checkpoint every this many optimizer steps within a stage (0: only at the end
+    /// of each stage, which always gets one).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Every this many optimizer steps, and at the end of each stage, evaluate conflict-pair
+    /// accuracy on the held-out split at the paper's weight settings into `metrics.jsonl`
+    /// (0: never).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Every this many steps, check that all ranks hold bit-identical adapters (0: never).
+    #[serde(default)]
+    pub check_replicas_every: usize,
+    /// How ranks reduce gradients: auto (NCCL on GPU, MPI on CPU, none for one process),
+    /// single, mpi or nccl.
+    #[serde(default = "defaults::collective")]
+    pub collective: String,
+    /// Periodic checkpoints kept (the newest); stage-final ones are always kept.
+    #[serde(default = "defaults::keep_checkpoints")]
+    pub keep_checkpoints: usize,
+}
+
+mod defaults {
+    pub fn learning_rate() -> f64 {
+        5e-6
+    }
+    pub fn warmup_ratio() -> f64 {
+        0.03
+    }
+    pub fn max_grad_norm() -> f64 {
+        1.0
+    }
+    pub fn adam_beta1() -> f64 {
+        0.9
+    }
+    pub fn adam_beta2() -> f64 {
+        0.999
+    }
+    pub fn adam_eps() -> f64 {
+        1e-8
+    }
+    pub fn epochs() -> usize {
+        1
+    }
+    pub fn collective() -> String {
+        "auto".into()
+    }
+    pub fn keep_checkpoints() -> usize {
+        2
+    }
+}
+
+impl TrainConfig {
+    /// `collective` as a launcher choice.
+    pub fn collective_choice(&self) -> Result<CollectiveChoice> {
+        self.collective
+            .parse()
+            .map_err(|e| anyhow::anyhow!("train.collective: {e}"))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        if !positive(self.learning_rate) {
+            bail!(
+                "train.learning_rate must be a positive number, got {}",
+                self.learning_rate
+            );
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            bail!(
+                "train.warmup_ratio must be in [0, 1), got {}",
+                self.warmup_ratio
+            );
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            bail!("train.weight_decay must be >= 0, got {}", self.weight_decay);
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            bail!(
+                "train.max_grad_norm must be >= 0 (0 disables clipping), got {}",
+                self.max_grad_norm
+            );
+        }
+        for (key, beta) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("train.{key} must be in [0, 1), got {beta}");
+            }
+        }
+        if !positive(self.adam_eps) {
+            bail!("train.adam_eps must be positive, got {}", self.adam_eps);
+        }
+        if self.epochs == 0 {
+            bail!("train.epochs must be at least 1");
+        }
+        self.collective_choice()?;
+        if self.keep_checkpoints == 0 {
+            bail!("train.keep_checkpoints must be at least 1");
+        }
+        if self.max_steps == Some(0) {
+            bail!("train.max_steps must be at least 1 when given");
+        }
+        Ok(())
+    }
+}
