@@ -31,6 +31,24 @@ impl BatchTensors {
             response_mask: tensor(&batch.response_mask).ne(0),
         }
     }
+
+    /// The batch with every pair repeated `copies` times, as a batch of `copies * B` pairs:
+    /// rows [a x copies; b x copies], so pair `c * B + j` is pair j. Several weight vectors
+    /// then share one forward, one per copy.
+    pub fn replicated(&self, copies: i64) -> BatchTensors {
+        let b = self.pairs;
+        let replicate = |t: &Tensor| {
+            let a = t.narrow(0, 0, b).repeat([copies, 1]);
+            let rejected = t.narrow(0, b, b).repeat([copies, 1]);
+            Tensor::cat(&[a, rejected], 0)
+        };
+        BatchTensors {
+            pairs: copies * b,
+            input_ids: replicate(&self.input_ids),
+            attention_mask: replicate(&self.attention_mask),
+            response_mask: replicate(&self.response_mask),
+        }
+    }
 }
 
 /// Response log-probabilities of every row: [rows] in f32.

@@ -82,14 +82,6 @@ fn unit_weights(b: i64, k: usize, i: usize, device: tch::Device) -> Tensor {
     w
 }
 
-/// Rows of `t` ([2B, ..], responses a then b) replicated for `passes` passes:
-/// [a x passes; b x passes], so pair p * B + j of the result is pair j.
-fn replicate(t: &Tensor, b: i64, passes: i64) -> Tensor {
-    let a = t.narrow(0, 0, b).repeat([passes, 1]);
-    let rejected = t.narrow(0, b, b).repeat([passes, 1]);
-    Tensor::cat(&[a, rejected], 0)
-}
-
 /// `u(y_a; w)` and `u(y_b; w)` of one pass: log-ratios of policy to reference, each [B].
 struct PassRewards {
     a: Tensor,
@@ -122,12 +114,7 @@ fn batched_passes(ctx: &StepContext, inputs: &MicroInputs, weights: &[Tensor]) -
     let t = inputs.tensors;
     let passes = weights.len() as i64;
     let all_w = Tensor::cat(weights, 0); // [P B, k]
-    let replicated = BatchTensors {
-        pairs: passes * t.pairs,
-        input_ids: replicate(&t.input_ids, t.pairs, passes),
-        attention_mask: replicate(&t.attention_mask, t.pairs, passes),
-        response_mask: replicate(&t.response_mask, t.pairs, passes),
-    };
+    let replicated = t.replicated(passes);
     let (logp_a, logp_b) = sequence_logps(ctx.model, &replicated, Conditioning::Weighted(&all_w)); // [P B] each
     (0..passes)
         .map(|p| {

@@ -45,14 +45,6 @@ impl Batching {
     }
 }
 
-/// Rows of `t` ([2B, ..], responses a then b) replicated `copies` times:
-/// [a x copies; b x copies], so pair `c * B + j` of the result is pair j (copy c).
-fn replicate(t: &Tensor, b: i64, copies: i64) -> Tensor {
-    let a = t.narrow(0, 0, b).repeat([copies, 1]);
-    let rejected = t.narrow(0, b, b).repeat([copies, 1]);
-    Tensor::cat(&[a, rejected], 0)
-}
-
 /// `margins[v][p]`: the implicit-reward margin of `pairs[p]` at `weights[v]` (each of length
 /// k), in f64 from f32 log-probs. `reference` holds `log pi_ref` of the split the pairs come
 /// from, indexed by pair id. No gradient is recorded.
@@ -95,12 +87,7 @@ pub fn implicit_margins(
             let w = Tensor::from_slice(&rows)
                 .view([copies * b, k as i64])
                 .to_device(device);
-            let replicated = BatchTensors {
-                pairs: copies * b,
-                input_ids: replicate(&tensors.input_ids, b, copies),
-                attention_mask: replicate(&tensors.attention_mask, b, copies),
-                response_mask: replicate(&tensors.response_mask, b, copies),
-            };
+            let replicated = tensors.replicated(copies);
             let (logp_a, logp_b) = sequence_logps(model, &replicated, Conditioning::Weighted(&w)); // [copies B]
             let u_a = logp_a.view([copies, b]) - reference_a.unsqueeze(0); // [copies, B]
             let u_b = logp_b.view([copies, b]) - reference_b.unsqueeze(0);
