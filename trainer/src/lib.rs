@@ -16,5 +16,6 @@ pub mod model;
 pub mod optim;
 pub mod reference;
 pub mod step;
+pub mod synth;
 pub mod tokenizer;
 pub mod train;

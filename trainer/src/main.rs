@@ -51,6 +51,37 @@ enum Command {
         #[arg(long, value_name = "N")]
         until_stage: Option<usize>,
     },
+    /// Convert a Llama GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1) into a Hugging Face directory.
+    ImportGguf {
+        /// The GGUF file.
+        file: PathBuf,
+        /// The directory to write (config.json, model.safetensors, tokenizer files).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Answer one prompt (rendered through the chat template) with a KV cache.
+    Generate {
+        /// A run directory: its adapters.safetensors conditioned on --weights.
+        #[arg(long, conflicts_with = "model", requires = "weights")]
+        run: Option<PathBuf>,
+        /// Preference weights for --run, e.g. 0.3,0.7.
+        #[arg(long)]
+        weights: Option<String>,
+        /// A Hugging Face model directory, without adapters.
+        #[arg(long, required_unless_present = "run")]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Write a tiny random Llama model with a byte-level tokenizer (for smoke runs on CPU).
     TinyModel {
         #[arg(long)]
@@ -105,6 +136,47 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write a seeded synthetic k-dimensional preference benchmark (generic JSONL: most pairs
+    /// agree, a share conflict; dimension i rewards its marker word) and a tiny model for it.
+    Synth {
+        /// Output directory: train.jsonl, eval.jsonl, model/.
+        #[arg(long)]
+        out: PathBuf,
+        /// k, the number of dimensions (2 to 4).
+        #[arg(long, default_value_t = 2)]
+        dimensions: usize,
+        /// Training pairs.
+        #[arg(long, default_value_t = 2000)]
+        pairs: usize,
+        /// Held-out pairs.
+        #[arg(long, default_value_t = 400)]
+        eval_pairs: usize,
+        /// Share of conflict pairs.
+        #[arg(long, default_value_t = 0.25)]
+        conflict_rate: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// The main job on an embedded default, on CPU in minutes: synthetic data and a tiny
+    /// model, the curriculum, Panacea and DPO-Soup trained on it, then the evaluation table
+    /// and plots.
+    Demo {
+        /// The demo directory (created; an existing non-empty one is refused).
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Move an existing --out aside (renamed with a timestamp, never deleted).
+        #[arg(long)]
+        force: bool,
+        /// Train pairs instead of the embedded default.
+        #[arg(long)]
+        pairs: Option<usize>,
+        /// Optimizer steps per stage instead of the embedded default.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// A demo config (the layout of configs/demo/demo.toml) instead of the embedded one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +220,29 @@ fn main() -> ExitCode {
             },
         ),
         Command::TinyModel { out, seed } => tiny_model(&out, seed),
+        Command::ImportGguf { file, out } => import_gguf(&file, &out),
+        Command::Generate {
+            run,
+            weights,
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => generate(
+            run.as_deref(),
+            weights.as_deref(),
+            model.as_deref(),
+            &prompt,
+            model::generate::GenerateOptions {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                eos_token_id: None,
+            },
+        ),
         Command::Data {
             command: DataCommand::Inspect { config },
         } => inspect_data(&config),
@@ -174,6 +269,43 @@ fn main() -> ExitCode {
             bootstrap,
             seed,
         ),
+        Command::Synth {
+            out,
+            dimensions,
+            pairs,
+            eval_pairs,
+            conflict_rate,
+            seed,
+        } => synth(
+            &out,
+            &modpo_trainer::synth::SynthSpec {
+                dimensions,
+                pairs,
+                eval_pairs,
+                conflict_rate,
+                seed,
+            },
+        ),
+        Command::Demo {
+            out,
+            force,
+            pairs,
+            max_steps,
+            config,
+        } => config
+            .map(|p| {
+                std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+            })
+            .transpose()
+            .and_then(|config| {
+                demo(modpo_trainer::synth::demo::DemoOptions {
+                    out,
+                    force,
+                    pairs,
+                    max_steps,
+                    config,
+                })
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -342,6 +474,54 @@ fn train(config_path: &Path, options: TrainOptions) -> Result<()> {
     Ok(())
 }
 
+fn import_gguf(file: &Path, out: &Path) -> Result<()> {
+    model::gguf_import::import_gguf(file, out)?;
+    println!("{} imported to {}", file.display(), out.display());
+    Ok(())
+}
+
+fn generate(
+    run: Option<&Path>,
+    weights: Option<&str>,
+    model_dir: Option<&Path>,
+    prompt: &str,
+    mut opts: model::generate::GenerateOptions,
+) -> Result<()> {
+    let device = model::select_device(modpo_trainer::config::DeviceChoice::Auto, 0)?;
+    let (loaded, w, dir) = match (run, model_dir) {
+        (Some(run), _) => {
+            let adapters_path = run.join(ADAPTERS_FILE);
+            let meta = checkpoint::read_adapter_meta(&adapters_path)?;
+            let w = export::parse_weights(weights.unwrap_or_default())?;
+            export::validate_weights(&w, &meta.dimensions).context("--weights")?;
+            let loaded =
+                model::load_model(&meta.model_path, Some(&meta.spec()), device, Kind::Float)?;
+            checkpoint::load_adapters(&adapters_path, &loaded.adapters)?;
+            let w = tch::Tensor::from_slice(&w)
+                .to_kind(Kind::Float)
+                .to_device(device)
+                .unsqueeze(0); // [1, k]
+            (loaded, Some(w), meta.model_path)
+        }
+        (None, Some(dir)) => (
+            model::load_model(dir, None, device, Kind::Float)?,
+            None,
+            dir.to_path_buf(),
+        ),
+        (None, None) => bail!("give --run or --model"),
+    };
+    let tokenizer = modpo_trainer::tokenizer::ChatTokenizer::from_model_dir(&dir, None)?;
+    opts.eos_token_id = Some(tokenizer.eos_token_id());
+    let ids = tokenizer.encode_prompt(prompt)?;
+    let cond = match &w {
+        Some(w) => model::Conditioning::Weighted(w),
+        None => model::Conditioning::Reference,
+    };
+    let out = model::generate::generate(&loaded.model, &ids, cond, &opts)?;
+    println!("{}", tokenizer.decode(&out, true)?);
+    Ok(())
+}
+
 fn tiny_model(out: &Path, seed: i64) -> Result<()> {
     if out.join("config.json").exists() {
         bail!("{} already holds a model", out.display());
@@ -403,5 +583,72 @@ fn eval(
         written.plots.len(),
         out.display()
     );
+    Ok(())
+}
+
+fn synth(out: &Path, spec: &modpo_trainer::synth::SynthSpec) -> Result<()> {
+    let files = modpo_trainer::synth::write(out, spec)?;
+    println!(
+        "{} train pairs ({} conflict): {}\n{} eval pairs ({} conflict): {}\nmodel: {}",
+        spec.pairs,
+        files.train_conflicts,
+        files.train_file.display(),
+        spec.eval_pairs,
+        files.eval_conflicts,
+        files.eval_file.display(),
+        files.model_dir.display()
+    );
+    println!(
+        "data config: format = \"generic\", dimensions = {:?}",
+        files.dimensions
+    );
+    Ok(())
+}
+
+fn demo(options: modpo_trainer::synth::demo::DemoOptions) -> Result<()> {
+    let outputs = modpo_trainer::synth::demo::run(&options)?;
+    let md = std::fs::read_to_string(&outputs.written.results_md)
+        .with_context(|| format!("cannot read {}", outputs.written.results_md.display()))?;
+    println!("{md}");
+    if let Some(aside) = &outputs.moved_aside {
+        println!("earlier demo moved to  {}", aside.display());
+    }
+    println!("demo directory         {}", outputs.out.display());
+    println!(
+        "train data             {}",
+        outputs.synth.train_file.display()
+    );
+    println!(
+        "eval data              {}",
+        outputs.synth.eval_file.display()
+    );
+    println!(
+        "model                  {}",
+        outputs.synth.model_dir.display()
+    );
+    for (config, run) in outputs.configs.iter().zip(&outputs.runs) {
+        println!(
+            "run                    {} (config {})",
+            run.display(),
+            config.display()
+        );
+    }
+    println!(
+        "results (json)         {}",
+        outputs.written.results_json.display()
+    );
+    println!(
+        "results (tables)       {}",
+        outputs.written.results_md.display()
+    );
+    for plot in &outputs.written.plots {
+        println!("plot                   {}", plot.display());
+    }
+    let times: Vec<String> = outputs
+        .seconds
+        .iter()
+        .map(|(what, s)| format!("{what} {s:.0} s"))
+        .collect();
+    println!("wall time              {}", times.join(", "));
     Ok(())
 }

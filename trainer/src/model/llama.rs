@@ -249,6 +249,73 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Incremental decoding: x: [1, t_new, hidden] at positions after the `cache`'s, whose keys
+    /// and values ([1, nkv, t_past, d]) are extended in place; mask: [1, 1, t_new, t_all] bool.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        cond: Conditioning,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let heads = |proj: &ConditionedLinear, n: i64| {
+            proj.forward(x, cond)
+                .view([b, t, n, self.head_dim])
+                .transpose(1, 2)
+        };
+        let q = apply_rotary(&heads(&self.q_proj, self.num_heads), rope); // [b, nh, t, d]
+        let mut k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads), rope); // [b, nkv, t, d]
+        let mut v = heads(&self.v_proj, self.num_kv_heads);
+        if let Some((pk, pv)) = cache.as_ref() {
+            k = Tensor::cat(&[pk, &k], 2); // [b, nkv, t_all, d]
+            v = Tensor::cat(&[pv, &v], 2);
+        }
+        *cache = Some((k.shallow_clone(), v.shallow_clone()));
+        let t_all = k.size()[2];
+        let group = self.num_heads / self.num_kv_heads;
+        let expand = |x: Tensor| -> Tensor {
+            x.unsqueeze(2)
+                .expand([b, self.num_kv_heads, group, t_all, self.head_dim], false)
+                .reshape([b, self.num_heads, t_all, self.head_dim])
+        };
+        let attn = Tensor::scaled_dot_product_attention(
+            &q,
+            &expand(k),
+            &expand(v),
+            Some(mask),
+            0.0,
+            false,
+            None,
+            false,
+        ); // [b, nh, t, d]
+        let merged = attn
+            .transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
+        self.o_proj.forward(&merged, cond)
+    }
+}
+
+/// Keys and values of every layer for incremental decoding ([`CausalLm::forward_cached`]).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+}
+
+impl KvCache {
+    /// Positions already in the cache.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 #[derive(Debug)]
 struct Mlp {
     gate_proj: ConditionedLinear,
@@ -369,6 +436,11 @@ impl CausalLm {
         &self.config
     }
 
+    /// The device of the weights.
+    pub fn embedding_device(&self) -> tch::Device {
+        self.embed_tokens.device()
+    }
+
     /// Floating-point type of weights and activations.
     pub fn kind(&self) -> Kind {
         self.kind
@@ -443,6 +515,42 @@ impl CausalLm {
     /// hidden: [.., hidden] -> logits [.., vocab]
     pub fn logits_from_hidden(&self, hidden: &Tensor) -> Tensor {
         hidden.linear::<&Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+    }
+
+    /// Incremental decoding of one unpadded sequence: input_ids [1, t_new] follow the
+    /// `cache.len()` positions already in `cache` (extended in place) -> logits [1, t_new, vocab].
+    /// Same result as [`Self::forward`] on the whole sequence (tested in gguf_generate.rs).
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        cond: Conditioning,
+    ) -> Tensor {
+        let (offset, t) = (cache.len, input_ids.size()[1]);
+        let device = input_ids.device();
+        let query = Tensor::arange_start(offset, offset + t, (Kind::Int64, device)).view([t, 1]);
+        let key = Tensor::arange(offset + t, (Kind::Int64, device)).view([1, offset + t]);
+        let mut allowed = key.le_tensor(&query); // [t, t_all]
+        if let Some(window) = self.config.sliding_window {
+            allowed = allowed.logical_and(&(&query - &key).lt(window));
+        }
+        let mask = allowed.view([1, 1, t, offset + t]);
+        let rope = self.rotary.tables(offset, t, self.kind);
+        cache.layers.resize_with(self.layers.len(), || None);
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [1, t, hidden]
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let attn_in = layer.input_layernorm.forward(&x);
+            x = &x
+                + layer
+                    .self_attn
+                    .forward_cached(&attn_in, &rope, &mask, cond, kv);
+            let mlp_out = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x), cond);
+            x += mlp_out;
+        }
+        cache.len += t;
+        self.logits_from_hidden(&self.norm.forward(&x))
     }
 
     /// input_ids, attention_mask: [b, t] -> logits [b, t, vocab]

@@ -2,6 +2,9 @@
 //! Knows nothing of preference optimisation, stages or ranks.
 
 pub mod adapter;
+pub mod generate;
+pub mod gguf;
+pub mod gguf_import;
 pub mod hf_config;
 pub mod llama;
 pub mod load;
@@ -14,7 +17,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub use adapter::{AdapterSpec, Conditioning};
 pub use hf_config::{Architecture, ModelConfig, RopeScaling};
-pub use llama::CausalLm;
+pub use llama::{CausalLm, KvCache};
 
 use crate::config::{DeviceChoice, DtypeChoice};
 
