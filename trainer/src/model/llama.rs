@@ -211,45 +211,9 @@ impl Attention {
 
     /// x: [b, t, hidden]; mask: [b, 1, t, t] bool (true = may attend) -> [b, t, hidden]
     fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, cond: Conditioning) -> Tensor {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        let heads = |proj: &ConditionedLinear, n: i64| {
-            proj.forward(x, cond)
-                .view([b, t, n, self.head_dim])
-                .transpose(1, 2)
-        };
-        let q = apply_rotary(&heads(&self.q_proj, self.num_heads), rope); // [b, nh, t, d]
-        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads), rope); // [b, nkv, t, d]
-        let v = heads(&self.v_proj, self.num_kv_heads); // [b, nkv, t, d]
-                                                        // Grouped-query attention: each key/value head serves `group` consecutive query heads
-                                                        // (HF `repeat_kv`). Expanded here rather than with `enable_gqa`, which only the math and
-                                                        // flash kernels take, and flash takes no padding mask.
-        let group = self.num_heads / self.num_kv_heads;
-        let expand = |x: Tensor| -> Tensor {
-            if group == 1 {
-                return x;
-            }
-            x.unsqueeze(2)
-                .expand([b, self.num_kv_heads, group, t, self.head_dim], false)
-                .reshape([b, self.num_heads, t, self.head_dim])
-        };
-        let attn = Tensor::scaled_dot_product_attention(
-            &q,
-            &expand(k),
-            &expand(v),
-            Some(mask),
-            0.0,
-            false,
-            None,
-            false,
-        ); // [b, nh, t, d]
-        let merged = attn
-            .transpose(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&merged, cond)
+        self.attend(x, rope, mask, cond, None)
     }
-}
 
-impl Attention {
     /// Incremental decoding: x: [1, t_new, hidden] at positions after the `cache`'s, whose keys
     /// and values ([1, nkv, t_past, d]) are extended in place; mask: [1, 1, t_new, t_all] bool.
     fn forward_cached(
@@ -260,6 +224,19 @@ impl Attention {
         cond: Conditioning,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Tensor {
+        self.attend(x, rope, mask, cond, Some(cache))
+    }
+
+    /// Attention over this call's keys and values, preceded by the cached ones when a cache
+    /// is given (which is then extended). mask: [b, 1, t, t_all].
+    fn attend(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        cond: Conditioning,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |proj: &ConditionedLinear, n: i64| {
             proj.forward(x, cond)
@@ -268,15 +245,23 @@ impl Attention {
         };
         let q = apply_rotary(&heads(&self.q_proj, self.num_heads), rope); // [b, nh, t, d]
         let mut k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads), rope); // [b, nkv, t, d]
-        let mut v = heads(&self.v_proj, self.num_kv_heads);
-        if let Some((pk, pv)) = cache.as_ref() {
-            k = Tensor::cat(&[pk, &k], 2); // [b, nkv, t_all, d]
-            v = Tensor::cat(&[pv, &v], 2);
+        let mut v = heads(&self.v_proj, self.num_kv_heads); // [b, nkv, t, d]
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2); // [b, nkv, t_all, d]
+                v = Tensor::cat(&[past_v, &v], 2);
+            }
+            *cache = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        *cache = Some((k.shallow_clone(), v.shallow_clone()));
         let t_all = k.size()[2];
+        // Grouped-query attention: each key/value head serves `group` consecutive query heads
+        // (HF `repeat_kv`). Expanded here rather than with `enable_gqa`, which only the math
+        // and flash kernels take, and flash takes no padding mask.
         let group = self.num_heads / self.num_kv_heads;
         let expand = |x: Tensor| -> Tensor {
+            if group == 1 {
+                return x;
+            }
             x.unsqueeze(2)
                 .expand([b, self.num_kv_heads, group, t_all, self.head_dim], false)
                 .reshape([b, self.num_heads, t_all, self.head_dim])
