@@ -34,6 +34,22 @@ fn config(dir: &Path, output: &str, method: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// `mpirun -np 2 modpo-trainer train --config CONFIG` on this machine (as root, oversubscribed).
+fn train_on_two_ranks(config: &str) -> Command {
+    let mut command = Command::new("mpirun");
+    command.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        bin(),
+        "train",
+        "--config",
+        config,
+    ]);
+    command
+}
+
 fn tiny_model(dir: &Path) {
     let out = Command::new(bin())
         .args(["tiny-model", "--out", dir.to_str().unwrap()])
@@ -63,17 +79,7 @@ fn two_ranks_equal_one_rank(method: &str) {
 
     // Two ranks: 8 pairs per step = 4 x 1 x 2 ranks.
     let double = config(tmp.path(), "double", method);
-    let out = Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            bin(),
-            "train",
-            "--config",
-            &double,
-        ])
+    let out = train_on_two_ranks(&double)
         .output()
         .expect("mpirun is installed by `make setup`");
     assert!(
@@ -124,17 +130,7 @@ fn killing_one_rank_ends_the_job() {
         .replace("max_steps = 4", "max_steps = 100000\nepochs = 50");
     let path = tmp.path().join("killed.toml");
     std::fs::write(&path, text).unwrap();
-    let mut job = Command::new("mpirun")
-        .args([
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            bin(),
-            "train",
-            "--config",
-            path.to_str().unwrap(),
-        ])
+    let mut job = train_on_two_ranks(path.to_str().unwrap())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
