@@ -50,6 +50,16 @@ pub enum Conditioning<'a> {
     Weighted(&'a Tensor),
 }
 
+/// How the blocks' GEMMs are laid out. `Stacked` is what training uses; `PerBlock` is the
+/// textbook loop, one pair of GEMMs per block, kept to measure what stacking saves
+/// (`modpo-trainer bench`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraGemms {
+    #[default]
+    Stacked,
+    PerBlock,
+}
+
 /// One block group's parameters: A [blocks * r, in], B [out, blocks * r].
 #[derive(Debug)]
 pub struct LoraPair {
@@ -65,6 +75,7 @@ pub struct Adapter {
     pub shared: Option<LoraPair>,
     /// phi_1..phi_k stacked: A [k r, in], B [out, k r]; block i is rows / columns i r..(i+1) r.
     pub dimensions: LoraPair,
+    pub gemms: LoraGemms,
 }
 
 /// PEFT's LoRA init: A ~ Kaiming-uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so a
@@ -93,6 +104,7 @@ impl Adapter {
                 .shared
                 .then(|| lora_pair(path, "shared", r, in_dim, out_dim)),
             dimensions: lora_pair(path, "dims", spec.num_dimensions * r, in_dim, out_dim),
+            gemms: LoraGemms::Stacked,
         }
     }
 
@@ -109,6 +121,25 @@ impl Adapter {
             (Conditioning::SharedOnly, Some(shared)) => {
                 let h = x.matmul(&shared.a.to_kind(kind).tr()); // [b, t, r]
                 Some(h.matmul(&shared.b.to_kind(kind).tr()) * scale)
+            }
+            (Conditioning::Weighted(weights), shared) if self.gemms == LoraGemms::PerBlock => {
+                let r = self.spec.rank;
+                let w = weights.to_kind(kind); // [b, k]
+                let mut sum = shared.as_ref().map(|s| {
+                    x.matmul(&s.a.to_kind(kind).tr())
+                        .matmul(&s.b.to_kind(kind).tr())
+                }); // [b, t, out]
+                for i in 0..self.spec.num_dimensions {
+                    let a_i = self.dimensions.a.narrow(0, i * r, r).to_kind(kind); // [r, in]
+                    let b_i = self.dimensions.b.narrow(1, i * r, r).to_kind(kind); // [out, r]
+                    let w_i = w.narrow(1, i, 1).unsqueeze(2); // [b, 1, 1]
+                    let block = x.matmul(&a_i.tr()).matmul(&b_i.tr()) * w_i;
+                    sum = Some(match sum {
+                        Some(s) => s + block,
+                        None => block,
+                    });
+                }
+                sum.map(|s| s * scale)
             }
             (Conditioning::Weighted(weights), shared) => {
                 let (a_cat, b_cat) = self.stacked(kind);
@@ -269,6 +300,28 @@ mod tests {
             let stacked = tch::no_grad(|| layer.forward(&x, Conditioning::Weighted(&w)));
             let expected = tch::no_grad(|| naive(&layer, &spec, &x, &w));
             let diff = (stacked - expected).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "shared={shared}: max abs diff {diff}");
+        }
+    }
+
+    #[test]
+    fn per_block_gemms_equal_stacked() {
+        tch::manual_seed(3);
+        for shared in [true, false] {
+            let spec = AdapterSpec {
+                rank: 3,
+                alpha: 6.0,
+                num_dimensions: 3,
+                shared,
+            };
+            let vs = VarStore::new(Device::Cpu);
+            let mut layer = layer(&vs, &spec);
+            let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+            let w = Tensor::from_slice(&[0.2f32, 0.5, 0.3, 0.0, 1.0, 0.0]).view([2, 3]);
+            let stacked = tch::no_grad(|| layer.forward(&x, Conditioning::Weighted(&w)));
+            layer.adapter.as_mut().unwrap().gemms = LoraGemms::PerBlock;
+            let per_block = tch::no_grad(|| layer.forward(&x, Conditioning::Weighted(&w)));
+            let diff = (stacked - per_block).abs().max().double_value(&[]);
             assert!(diff <= 1e-5, "shared={shared}: max abs diff {diff}");
         }
     }

@@ -6,7 +6,7 @@
 
 use tch::{nn, Device, Kind, Tensor};
 
-use super::adapter::{Adapter, AdapterSpec, ConditionedLinear, Conditioning};
+use super::adapter::{Adapter, AdapterSpec, ConditionedLinear, Conditioning, LoraGemms};
 use super::hf_config::{ModelConfig, RopeScaling};
 
 /// Every parameter of the decoder with its shape, in checkpoint key order.
@@ -435,6 +435,26 @@ impl CausalLm {
         self.adapter_spec.as_ref()
     }
 
+    /// Switches every adapter between stacked and per-block GEMMs (same result).
+    pub fn set_lora_gemms(&mut self, gemms: LoraGemms) {
+        for layer in &mut self.layers {
+            let (attn, mlp) = (&mut layer.self_attn, &mut layer.mlp);
+            for projection in [
+                &mut attn.q_proj,
+                &mut attn.k_proj,
+                &mut attn.v_proj,
+                &mut attn.o_proj,
+                &mut mlp.gate_proj,
+                &mut mlp.up_proj,
+                &mut mlp.down_proj,
+            ] {
+                if let Some(adapter) = projection.adapter.as_mut() {
+                    adapter.gemms = gemms;
+                }
+            }
+        }
+    }
+
     /// Every adapted projection with its HF module name (`model.layers.3.mlp.up_proj`).
     pub fn projections(&self) -> Vec<(String, &ConditionedLinear)> {
         let mut all = Vec::with_capacity(self.layers.len() * PROJECTIONS.len());
@@ -495,6 +515,48 @@ impl CausalLm {
             x = layer.forward(&x, &rope, &mask, cond);
         }
         self.norm.forward(&x)
+    }
+
+    /// Forward and backward of `head(hidden_states(..))` with per-decoder-block activation
+    /// recomputation, for sequences and models whose activations do not fit: the decoder runs
+    /// without autograd keeping only each block's input [b, t, hidden]; `head` (the LM head
+    /// and a loss, with autograd) is backpropagated from the final hidden states; then each
+    /// block, last to first, is run again with autograd from its saved input and
+    /// backpropagated with the gradient arriving from above. Gradients accumulate in the
+    /// adapters' `.grad` exactly as `head(hidden_states(..)).0.backward()` would leave them, for
+    /// one extra forward through the decoder. `head` returns the scalar to backpropagate and
+    /// anything else the caller wants back.
+    pub fn backward_recomputing<R>(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        cond: Conditioning,
+        head: impl FnOnce(&Tensor) -> (Tensor, R),
+    ) -> R {
+        let t = input_ids.size()[1];
+        let mask = self.attention_mask(attention_mask);
+        let rope = self.rotary.tables(0, t, self.kind);
+        let mut block_inputs = Vec::with_capacity(self.layers.len());
+        let last = tch::no_grad(|| {
+            let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
+            for layer in &self.layers {
+                block_inputs.push(x.shallow_clone());
+                x = layer.forward(&x, &rope, &mask, cond);
+            }
+            x
+        });
+        let top = last.set_requires_grad(true);
+        let (loss, out) = head(&self.norm.forward(&top));
+        loss.backward();
+        let mut grad = top.grad(); // d loss / d output of the last block: [b, t, hidden]
+        for (layer, input) in self.layers.iter().zip(block_inputs).rev() {
+            let x = input.set_requires_grad(true);
+            let y = layer.forward(&x, &rope, &mask, cond);
+            // sum(y * g) has gradient g with respect to y: a vector-Jacobian product.
+            (y * &grad).sum(Kind::Float).backward();
+            grad = x.grad();
+        }
+        out
     }
 
     /// hidden: [.., hidden] -> logits [.., vocab]

@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-pub use adapter::{AdapterSpec, Conditioning};
+pub use adapter::{AdapterSpec, Conditioning, LoraGemms};
 pub use hf_config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{CausalLm, KvCache};
 
