@@ -5,7 +5,9 @@
 
 use tch::{Kind, Tensor};
 
-use crate::logps::{sequence_logps, BatchTensors};
+use crate::logps::{
+    logps_from_hidden, pair_logps_from_hidden, per_row, sequence_logps, BatchTensors,
+};
 use crate::loss;
 use crate::method::StepPlan;
 use crate::model::{CausalLm, Conditioning};
@@ -71,8 +73,29 @@ pub struct StepContext<'a> {
     pub model: &'a CausalLm,
     pub plan: StepPlan,
     pub beta: f64,
+    /// The passes of a step in one forward over replicated rows (else pass by pass).
     pub batch_passes: bool,
+    /// Per-decoder-block activation recomputation ([`CausalLm::backward_recomputing`]).
+    pub recompute_activations: bool,
+    /// Responses a and b in separate forwards instead of one: never faster, kept so the
+    /// benchmark can measure what the joint forward saves.
+    pub split_responses: bool,
     pub k: usize,
+}
+
+impl<'a> StepContext<'a> {
+    /// The training defaults: passes batched, no recomputation, joint forward.
+    pub fn new(model: &'a CausalLm, plan: StepPlan, beta: f64, k: usize) -> Self {
+        StepContext {
+            model,
+            plan,
+            beta,
+            batch_passes: true,
+            recompute_activations: false,
+            split_responses: false,
+            k,
+        }
+    }
 }
 
 /// w = 1_i for every row: [B, k]
@@ -89,10 +112,10 @@ struct PassRewards {
 }
 
 impl PassRewards {
-    fn new(inputs: &MicroInputs, (logp_a, logp_b): (Tensor, Tensor)) -> Self {
+    fn new(reference: (&Tensor, &Tensor), (logp_a, logp_b): (Tensor, Tensor)) -> Self {
         PassRewards {
-            a: logp_a - &inputs.reference_a,
-            b: logp_b - &inputs.reference_b,
+            a: logp_a - reference.0,
+            b: logp_b - reference.1,
         }
     }
 
@@ -109,23 +132,58 @@ impl PassRewards {
     }
 }
 
-/// All passes in one forward over replicated rows with per-row `w` (`weights[p]`: [B, k]).
-fn batched_passes(ctx: &StepContext, inputs: &MicroInputs, weights: &[Tensor]) -> Vec<PassRewards> {
-    let t = inputs.tensors;
-    let passes = weights.len() as i64;
-    let all_w = Tensor::cat(weights, 0); // [P B, k]
-    let replicated = t.replicated(passes);
-    let (logp_a, logp_b) = sequence_logps(ctx.model, &replicated, Conditioning::Weighted(&all_w)); // [P B] each
-    (0..passes)
-        .map(|p| {
-            let chunk = |x: &Tensor| x.narrow(0, p * t.pairs, t.pairs);
-            PassRewards::new(inputs, (chunk(&logp_a), chunk(&logp_b)))
-        })
-        .collect()
+/// `(log pi(y_a), log pi(y_b))` ([B] each) with responses a and b in two forwards.
+fn split_pair_logps(
+    model: &CausalLm,
+    batch: &BatchTensors,
+    cond: Conditioning,
+) -> (Tensor, Tensor) {
+    let (b, n_a) = (batch.pairs, batch.a_predictors);
+    let n_b = batch.predictors.size()[0] - n_a;
+    let per_half = b * (batch.seq_len() - 1);
+    let half = |start: i64, predictors: Tensor| {
+        let ids = batch.input_ids.narrow(0, start, b); // [B, T]
+        let hidden = model.hidden_states(&ids, &batch.attention_mask.narrow(0, start, b), cond);
+        logps_from_hidden(model, &hidden, &ids, &predictors)
+    };
+    (
+        half(0, batch.predictors.narrow(0, 0, n_a)),
+        half(b, batch.predictors.narrow(0, n_a, n_b) - per_half),
+    )
+}
+
+/// One forward of `batch` (conditioning per pair), the loss `loss_of` builds from
+/// `(log pi(y_a), log pi(y_b))` ([B] each), and its backward; returns what `loss_of` returns
+/// besides the loss.
+fn forward_backward<R>(
+    ctx: &StepContext,
+    batch: &BatchTensors,
+    conditioning: Conditioning,
+    loss_of: impl FnOnce(Tensor, Tensor) -> (Tensor, R),
+) -> R {
+    if ctx.recompute_activations {
+        let rows = per_row(conditioning);
+        return ctx.model.backward_recomputing(
+            &batch.input_ids,
+            &batch.attention_mask,
+            rows.as_conditioning(),
+            |hidden| {
+                let (a, b) = pair_logps_from_hidden(ctx.model, batch, hidden);
+                loss_of(a, b)
+            },
+        );
+    }
+    let (logp_a, logp_b) = match ctx.split_responses {
+        true => split_pair_logps(ctx.model, batch, conditioning),
+        false => sequence_logps(ctx.model, batch, conditioning),
+    };
+    let (loss, out) = loss_of(logp_a, logp_b);
+    loss.backward();
+    out
 }
 
 /// Runs the passes of one micro-batch, backpropagates its share of the step's loss and adds
-/// its statistics to `stats`.
+/// its statistics to `stats`. Nothing here waits on the device.
 pub fn accumulate(
     ctx: &StepContext,
     inputs: &MicroInputs,
@@ -134,7 +192,8 @@ pub fn accumulate(
 ) {
     let t = inputs.tensors;
     let (b, device, beta, k) = (t.pairs, t.input_ids.device(), ctx.beta, ctx.k);
-    stats.tokens += t.attention_mask.sum(Kind::Int64).int64_value(&[]) * ctx.plan.passes(k) as i64;
+    let reference = (&inputs.reference_a, &inputs.reference_b);
+    stats.tokens += t.tokens * ctx.plan.passes(k) as i64;
     let dimension_loss = |i: usize, pass: &PassRewards| {
         loss::dpo(
             &pass.margin(),
@@ -170,15 +229,13 @@ pub fn accumulate(
             .preferences
             .sum_dim_intlist(1, false, Kind::Int64)
             .sign();
-        let pass = PassRewards::new(
-            inputs,
-            sequence_logps(ctx.model, t, Conditioning::SharedOnly),
-        );
-        let loss = loss::dpo(&pass.margin(), &shared, beta).sum(Kind::Float)
-            * (norms.world_size / norms.pairs);
-        loss.backward();
-        let detached = pass.detach();
-        (loss.detach(), (0..k).map(|_| detached.detach()).collect())
+        let (loss, pass) = forward_backward(ctx, t, Conditioning::SharedOnly, |a, b| {
+            let pass = PassRewards::new(reference, (a, b));
+            let loss = loss::dpo(&pass.margin(), &shared, beta).sum(Kind::Float)
+                * (norms.world_size / norms.pairs);
+            (loss.shallow_clone(), (loss.detach(), pass.detach()))
+        });
+        (loss, (0..k).map(|_| pass.detach()).collect())
     } else {
         let mut weights: Vec<Tensor> = (0..k).map(|i| unit_weights(b, k, i, device)).collect();
         if draws {
@@ -191,40 +248,45 @@ pub fn accumulate(
             );
         }
         if ctx.batch_passes {
-            let passes = batched_passes(ctx, inputs, &weights);
-            let unit: Vec<PassRewards> = passes[..k].iter().map(PassRewards::detach).collect();
-            let mut loss = Tensor::zeros([], (Kind::Float, device));
-            for (i, pass) in passes[..k].iter().enumerate() {
-                loss += dimension_loss(i, pass);
-            }
-            if draws {
-                loss += drawn_loss(&passes[k], &unit);
-            }
-            loss.backward();
-            (loss.detach(), unit)
+            // All passes in one forward over replicated rows with per-row w.
+            let passes = weights.len() as i64;
+            let all_w = Tensor::cat(&weights, 0); // [P B, k]
+            let replicated = t.replicated(passes);
+            forward_backward(ctx, &replicated, Conditioning::Weighted(&all_w), |a, b_| {
+                let chunk = |x: &Tensor, p: i64| x.narrow(0, p * b, b);
+                let passes: Vec<PassRewards> = (0..passes)
+                    .map(|p| PassRewards::new(reference, (chunk(&a, p), chunk(&b_, p))))
+                    .collect();
+                let unit: Vec<PassRewards> = passes[..k].iter().map(PassRewards::detach).collect();
+                let mut loss = Tensor::zeros([], (Kind::Float, device));
+                for (i, pass) in passes[..k].iter().enumerate() {
+                    loss += dimension_loss(i, pass);
+                }
+                if draws {
+                    loss += drawn_loss(&passes[k], &unit);
+                }
+                (loss.shallow_clone(), (loss.detach(), unit))
+            })
         } else {
             // Pass by pass: a backward right after each forward frees its activations; the
             // detached rewards are kept for the teacher of the last pass.
             let mut total = Tensor::zeros([], (Kind::Float, device));
             let mut unit = Vec::with_capacity(k);
             for (i, w) in weights.iter().take(k).enumerate() {
-                let pass = PassRewards::new(
-                    inputs,
-                    sequence_logps(ctx.model, t, Conditioning::Weighted(w)),
-                );
-                let l = dimension_loss(i, &pass);
-                l.backward();
-                total += l.detach();
-                unit.push(pass.detach());
+                let (l, pass) = forward_backward(ctx, t, Conditioning::Weighted(w), |a, b| {
+                    let pass = PassRewards::new(reference, (a, b));
+                    let l = dimension_loss(i, &pass);
+                    (l.shallow_clone(), (l.detach(), pass.detach()))
+                });
+                total += l;
+                unit.push(pass);
             }
             if draws {
-                let pass = PassRewards::new(
-                    inputs,
-                    sequence_logps(ctx.model, t, Conditioning::Weighted(&weights[k])),
-                );
-                let l = drawn_loss(&pass, &unit);
-                l.backward();
-                total += l.detach();
+                let l = forward_backward(ctx, t, Conditioning::Weighted(&weights[k]), |a, b| {
+                    let l = drawn_loss(&PassRewards::new(reference, (a, b)), &unit);
+                    (l.shallow_clone(), l.detach())
+                });
+                total += l;
             }
             (total, unit)
         }

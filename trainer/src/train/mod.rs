@@ -14,11 +14,12 @@ mod resume;
 mod stage_setup;
 mod train_config;
 
+pub use stage_setup::{draw_weights, set_trainable};
 pub use train_config::TrainConfig;
 
 use records::{evaluate_held_out, metrics_record};
 use resume::{check_resumable, prepare_run_dir, restore_optimizer, write_checkpoint};
-use stage_setup::{draw_weights, pool_ids, set_trainable};
+use stage_setup::pool_ids;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -381,13 +382,9 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
         );
     }
     let total_steps = (steps_per_epoch * t.epochs).min(t.max_steps.unwrap_or(usize::MAX));
-    let context = StepContext {
-        model: &run.loaded.model,
-        plan: stage.step,
-        beta: config.method.beta,
-        batch_passes: config.method.batch_passes,
-        k,
-    };
+    let mut context = StepContext::new(&run.loaded.model, stage.step, config.method.beta, k);
+    context.batch_passes = config.method.batch_passes;
+    context.recompute_activations = t.recompute_activations;
     let progress = indicatif::ProgressBar::new(total_steps as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "stage {msg} [{bar:30}] {pos}/{len} steps, {elapsed} < {eta}",

@@ -9,7 +9,7 @@ use crate::method::{PairPool, Trainable, WeightSampling};
 use crate::model::CausalLm;
 
 /// Sets which adapter tensors receive gradients; returns the trainable ones with their names.
-pub(super) fn set_trainable(model: &CausalLm, trainable: Trainable) -> Vec<(String, Tensor)> {
+pub fn set_trainable(model: &CausalLm, trainable: Trainable) -> Vec<(String, Tensor)> {
     let shared_on = matches!(trainable, Trainable::Shared | Trainable::All);
     let dimensions_on = matches!(trainable, Trainable::Dimensions | Trainable::All);
     let mut params = Vec::new();
@@ -52,7 +52,7 @@ pub(super) fn pool_ids(data: &PreferenceData, pool: PairPool) -> Vec<usize> {
 
 /// w ~ Dirichlet(1, .., 1) for each pair of a global batch (or one w for all of them), drawn
 /// from (seed, stage, step) so that any world size and accumulation draws the same weights.
-pub(super) fn draw_weights(
+pub fn draw_weights(
     seed: u64,
     stage: usize,
     step: usize,

@@ -56,6 +56,11 @@ pub struct TrainConfig {
     /// single, mpi or nccl.
     #[serde(default = "defaults::collective")]
     pub collective: String,
+    /// Recompute each decoder block's activations in the backward instead of keeping them:
+    /// about a third more compute for activation memory of one block plus the block inputs
+    /// (long sequences, big models).
+    #[serde(default)]
+    pub recompute_activations: bool,
     /// Periodic checkpoints kept (the newest); stage-final ones are always kept.
     #[serde(default = "defaults::keep_checkpoints")]
     pub keep_checkpoints: usize,
