@@ -26,6 +26,7 @@ help:
 	@echo "make setup   install what is missing (Debian packages, .venv with torch), then build"
 	@echo "make test    setup, golden files from transformers, then every test"
 	@echo "make demo    the main job on an embedded default: synthetic data, three methods, eval table"
+	@echo "make bench   speed and memory against TRL + PEFT and a plain PyTorch loop (CPU)"
 	@echo "make fmt / make clippy   formatting and lints"
 
 setup: system-packages venv build
@@ -72,9 +73,13 @@ DEMO_FLAGS ?=
 demo: setup
 	$(BIN) demo --out $(DEMO_OUT) $(DEMO_FLAGS)
 
+# Speed and memory: every stage and method, each optimisation switched off in turn, and TRL +
+# PEFT and a plain PyTorch stage-3 loop on the same model and pairs (docs/benchmarks.md). Prints
+# a table and writes bench/results.json; about 10 minutes on 2 CPU cores.
+BENCH_FLAGS ?=
 bench: setup
-	@echo "make bench is not available yet: the benchmark lands with issue 10." >&2
-	@exit 1
+	$(BIN) bench --out bench --work target/bench --python $(PYTHON) --scripts bench \
+	  --data ../shared/data/pku_saferlhf_sample.jsonl $(BENCH_FLAGS)
 
 fmt:
 	cargo fmt --all

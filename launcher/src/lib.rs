@@ -28,6 +28,7 @@
 
 mod bucket;
 mod collective;
+mod device_memory;
 mod mpi_cpu;
 mod nccl;
 mod single;
@@ -39,6 +40,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::str::FromStr;
 
 pub use collective::{Collective, CollectiveError, Op};
+pub use device_memory::cuda_memory_in_use;
 pub use mpi_cpu::Mpi;
 pub use nccl::{cuda_ordinal, Nccl};
 pub use single::Single;

@@ -4,6 +4,7 @@
 //! of stages and passes) -> train loop -> checkpoint / eval. The `model` knows nothing of DPO,
 //! stages or ranks; rank topology lives in the `modpo-launcher` crate.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -1,0 +1,205 @@
+//! The benchmark's tables on stdout and `results.json`.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tch::Device;
+
+use super::python::BaselineResult;
+use super::{Bench, CaseResult, Variant};
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |b| {
+        format!("{:.0}", b as f64 / (1 << 20) as f64)
+    })
+}
+
+/// The machine, as far as the benchmark can tell.
+fn machine(bench: &Bench) -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "threads": bench.options.threads,
+        "device": format!("{:?}", bench.options.device),
+        "dtype": format!("{:?}", bench.kind),
+        "dense_matmul_gflops": bench.matmul_rate / 1e9,
+    })
+}
+
+/// Speed of ours over a baseline: mean step time ratio, as pairs/s ratio.
+fn ratio(ours: &CaseResult, baseline: &BaselineResult) -> f64 {
+    ours.pairs_per_s / baseline.pairs_per_s
+}
+
+pub fn write(
+    bench: &Bench,
+    results: &[CaseResult],
+    baselines: &[BaselineResult],
+    micro_batch_search: Option<&Vec<(bool, usize)>>,
+) -> Result<()> {
+    let o = &bench.options;
+    let c = &bench.config;
+    let mut text = String::new();
+    writeln!(
+        text,
+        "model: {} layers, hidden {}, MLP {}, {} heads / {} KV heads, vocab {}; {:?} on {:?}; \
+         {} pairs per step, LoRA rank {}; {} timed steps after {} warm-up",
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.vocab_size,
+        bench.kind,
+        o.device,
+        o.micro_batch,
+        super::BENCH_RANK,
+        o.steps,
+        o.warmup
+    )?;
+    writeln!(
+        text,
+        "dense matmul rate: {:.1} GFLOP/s ({:?}, {} threads)\n",
+        bench.matmul_rate / 1e9,
+        bench.kind,
+        o.threads
+    )?;
+    writeln!(
+        text,
+        "{:<40} {:>10} {:>8} {:>10} {:>10} {:>6} {:>9}",
+        "case", "median ms", "pairs/s", "tokens/s", "GFLOP/st", "MFU", "peak MiB"
+    )?;
+    for r in results {
+        writeln!(
+            text,
+            "{:<40} {:>10.1} {:>8.2} {:>10.0} {:>10.2} {:>5.1}% {:>9}",
+            r.name,
+            r.median_ms,
+            r.pairs_per_s,
+            r.policy_tokens_per_s,
+            r.flops_per_step / 1e9,
+            r.mfu * 100.0,
+            mib(r.peak_memory_bytes)
+        )?;
+    }
+    let find = |name: &str| results.iter().find(|r| r.name == name);
+    let mut ratios = serde_json::Map::new();
+    if !baselines.is_empty() {
+        writeln!(text, "\nalternatives (same model, pairs, rank and batch):")?;
+        for b in baselines {
+            let ours = find(&b.compares_with);
+            let speedup = ours.map(|ours| ratio(ours, b));
+            writeln!(
+                text,
+                "{:<40} {:>10.1} {:>8.2} {:>10.0} {:>10} {:>6} {:>9}   ours ({}) is {}",
+                b.name,
+                b.median_ms,
+                b.pairs_per_s,
+                b.policy_tokens_per_s,
+                "",
+                "",
+                mib(b.peak_rss_bytes),
+                b.compares_with,
+                speedup.map_or("-".into(), |s| format!("{s:.2}x as fast")),
+            )?;
+            if let Some(s) = speedup {
+                ratios.insert(format!("{} / {}", b.compares_with, b.name), json!(s));
+            }
+        }
+    }
+    // Each variant (an optimisation switched off, or recomputation on): the stage's real-token
+    // throughput relative to the default (tokens/s, not step time: without bucketing the batches differ).
+    let mut ablations = serde_json::Map::new();
+    let ablated: Vec<&CaseResult> = results
+        .iter()
+        .filter(|r| r.variant != Variant::TRAINING && r.name.contains(", "))
+        .collect();
+    if !ablated.is_empty() {
+        writeln!(
+            text,
+            "\nvariants of the default (an optimisation switched off, or recomputation switched \
+             on): throughput (real tokens/s) and peak memory relative to the default"
+        )?;
+        for r in ablated {
+            let default = results.iter().find(|f| {
+                f.variant == Variant::TRAINING && f.method == r.method && f.stage == r.stage
+            });
+            if let Some(default) = default {
+                let speed = r.policy_tokens_per_s / default.policy_tokens_per_s;
+                let memory = match (r.peak_memory_bytes, default.peak_memory_bytes) {
+                    (Some(a), Some(b)) => Some(a as f64 / b as f64),
+                    _ => None,
+                };
+                writeln!(
+                    text,
+                    "{:<40} throughput {:>5.2}x, peak memory {:>6}",
+                    r.name,
+                    speed,
+                    memory.map_or("-".into(), |m| format!("{m:.2}x"))
+                )?;
+                ablations.insert(
+                    r.name.clone(),
+                    json!({"throughput_vs_default": speed, "peak_memory_vs_default": memory}),
+                );
+            }
+        }
+    }
+    if let Some(found) = micro_batch_search {
+        writeln!(
+            text,
+            "\nlargest stage-3 micro-batch that fits ({} tokens per sequence):",
+            o.seq_len
+        )?;
+        for (recompute, pairs) in found {
+            writeln!(
+                text,
+                "  {} recomputation: {pairs} pairs",
+                if *recompute { "with" } else { "without" }
+            )?;
+        }
+    }
+    print!("{text}");
+    let command: Vec<String> = std::env::args().collect();
+    let results_json = json!({
+        "command": command.join(" "),
+        "preset": o.preset,
+        "machine": machine(bench),
+        "model": {
+            "layers": c.num_layers, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
+            "heads": c.num_heads, "kv_heads": c.num_kv_heads, "vocab": c.vocab_size,
+        },
+        "settings": {
+            "pairs_per_step": o.micro_batch, "lora_rank": super::BENCH_RANK,
+            "lora_alpha": super::BENCH_ALPHA, "warmup_steps": o.warmup, "timed_steps": o.steps,
+            "max_length": if o.preset == super::Preset::Cpu { super::CPU_MAX_LENGTH } else { o.seq_len },
+            "gpu": !matches!(o.device, Device::Cpu),
+        },
+        "cases": results,
+        "baselines": baselines,
+        "speed_ratios": ratios,
+        "ablations": ablations,
+        "largest_micro_batch": micro_batch_search.map(|f| f.iter().map(|(r, m)| json!({"recompute": r, "pairs": m})).collect::<Vec<_>>()),
+        "table": text,
+    });
+    std::fs::create_dir_all(&o.out)
+        .with_context(|| format!("cannot create {}", o.out.display()))?;
+    let path = o.out.join("results.json");
+    // Written aside and renamed, so an interrupted run never leaves half a file.
+    let partial = o.out.join("results.json.partial");
+    std::fs::write(&partial, serde_json::to_string_pretty(&results_json)?)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, &path)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;
+    eprintln!("bench: wrote {}", path.display());
+    Ok(())
+}

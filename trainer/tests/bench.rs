@@ -1,0 +1,107 @@
+//! `modpo-trainer bench` end to end on a tiny budget (one decoder layer, one timed step): every
+//! stage and method and one ablation in child processes, the TRL + PEFT and PyTorch baselines
+//! when the venv has them, and results.json with the ratios the report promises. The figures
+//! themselves are not checked (they are machine-dependent); that they exist and are sane is.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn venv_python() -> Option<PathBuf> {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let has_trl = Command::new(&python)
+        .args(["-c", "import trl, peft"])
+        .status()
+        .is_ok_and(|s| s.success());
+    has_trl.then_some(python)
+}
+
+#[test]
+fn tiny_bench_writes_every_case_and_ratio() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_modpo-trainer"));
+    command.args([
+        "bench",
+        "--device",
+        "cpu",
+        "--layers",
+        "1",
+        "--max-pairs",
+        "96",
+    ]);
+    command.args([
+        "--micro-batch",
+        "4",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--threads",
+        "2",
+    ]);
+    // "reference every step" matches both stage-1 and stage-3 ablations: one is enough here.
+    command.args(["--only", "stage 1"]);
+    command.arg("--out").arg(&out);
+    command.arg("--work").arg(tmp.path().join("work"));
+    command
+        .arg("--data")
+        .arg(root.join("../shared/data/pku_saferlhf_sample.jsonl"));
+    command.arg("--scripts").arg(root.join("bench"));
+    let python = venv_python();
+    if let Some(python) = &python {
+        command.arg("--python").arg(python);
+    } else {
+        eprintln!("no .venv with trl and peft: the baselines are not exercised");
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("dense matmul rate"), "{stdout}");
+
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert!(!out.join("results.json.partial").exists());
+    let cases = results["cases"].as_array().unwrap();
+    let names: Vec<&str> = cases.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["curriculum stage 1", "stage 1, reference every step"],
+        "--only keeps the matching cases, in order"
+    );
+    for case in cases {
+        let ms = case["median_ms"].as_f64().unwrap();
+        let mfu = case["mfu"].as_f64().unwrap();
+        assert!(ms > 0.0 && case["pairs_per_s"].as_f64().unwrap() > 0.0);
+        assert!(mfu > 0.0 && mfu < 1.0, "MFU {mfu} of {}", case["name"]);
+        assert!(case["flops_per_step"].as_f64().unwrap() > 0.0);
+        assert!(case["peak_memory_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(case["ms_per_step"].as_array().unwrap().len(), 2);
+    }
+    // Model FLOPs count the training passes only: the same batches give the same count, and the
+    // ablation's extra reference forward shows as lower MFU, not as more useful work.
+    assert_eq!(cases[0]["flops_per_step"], cases[1]["flops_per_step"]);
+    assert!(
+        results["ablations"]["stage 1, reference every step"]["throughput_vs_default"].is_f64()
+    );
+    assert!(results["machine"]["dense_matmul_gflops"].as_f64().unwrap() > 0.0);
+
+    if python.is_some() {
+        let baselines: Vec<&str> = results["baselines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(baselines.len(), 3, "{baselines:?}");
+        let ratios = results["speed_ratios"].as_object().unwrap();
+        // Stage 3 was filtered out by --only, so only the two TRL ratios have a partner.
+        assert_eq!(ratios.len(), 2, "{ratios:?}");
+        assert!(ratios.values().all(|r| r.as_f64().unwrap() > 0.0));
+        assert!(stdout.contains("as fast"), "{stdout}");
+    }
+}
