@@ -151,6 +151,31 @@ impl Adapter {
         }
     }
 
+    /// `base + forward(x)`, with the up-projection GEMM of the shared-only and stacked forms
+    /// accumulating straight into `base` (one `addmm`, the scale folded into the small
+    /// [b, t, r] side): no separate pass over the [b, t, out] update to scale and add it.
+    /// base: [b, t, out] (the frozen projection of x).
+    pub fn add_to(&self, base: Tensor, x: &Tensor, conditioning: Conditioning) -> Tensor {
+        let kind = x.kind();
+        let scale = self.spec.scale();
+        match (conditioning, &self.shared) {
+            (Conditioning::SharedOnly, Some(shared)) => {
+                let h = x.matmul(&shared.a.to_kind(kind).tr()) * scale; // [b, t, r]
+                add_low_rank(&base, &h, &shared.b.to_kind(kind))
+            }
+            (Conditioning::Weighted(weights), shared) if self.gemms == LoraGemms::Stacked => {
+                let (a_cat, b_cat) = self.stacked(kind);
+                let h = x.matmul(&a_cat.tr()); // [b, t, blocks * r]
+                let row_scale = (self.rank_scales(weights, shared.is_some()) * scale).to_kind(kind); // [b, blocks * r]
+                add_low_rank(&base, &(h * row_scale.unsqueeze(1)), &b_cat)
+            }
+            _ => match self.forward(x, conditioning) {
+                Some(update) => base + update,
+                None => base,
+            },
+        }
+    }
+
     /// A_cat [blocks r, in] and B_cat [out, blocks r], shared block first.
     pub fn stacked(&self, kind: Kind) -> (Tensor, Tensor) {
         let d = &self.dimensions;
@@ -207,15 +232,20 @@ impl ConditionedLinear {
     /// x: [b, t, in] -> [b, t, out]
     pub fn forward(&self, x: &Tensor, conditioning: Conditioning) -> Tensor {
         let base = x.linear(&self.weight, self.bias.as_ref());
-        match self
-            .adapter
-            .as_ref()
-            .and_then(|a| a.forward(x, conditioning))
-        {
-            Some(update) => base + update,
+        match &self.adapter {
+            Some(adapter) => adapter.add_to(base, x, conditioning),
             None => base,
         }
     }
+}
+
+/// base [.., out] + h [.., r] B^T (B: [out, r]) as one GEMM accumulating into base.
+fn add_low_rank(base: &Tensor, h: &Tensor, b: &Tensor) -> Tensor {
+    let shape = base.size();
+    let (out, rank) = (shape[shape.len() - 1], h.size()[h.dim() - 1]);
+    base.reshape([-1, out])
+        .addmm(&h.reshape([-1, rank]), &b.tr())
+        .view(shape.as_slice())
 }
 
 #[cfg(test)]
