@@ -145,6 +145,8 @@ struct Execution {
     batched: bool,
     recompute: bool,
     split: bool,
+    /// Both responses after one copy of the prompt (else a row per response).
+    shared_prompt: bool,
 }
 
 /// Gradients of every adapter tensor after one micro-batch of `plan`.
@@ -211,7 +213,6 @@ fn every_step_execution_gives_the_same_gradients() {
         .chain(data.train.agree().into_iter().take(2))
         .collect();
     let batch = collate(&data.train.select(&ids), tokenizer.pad_token_id());
-    let tensors = BatchTensors::new(&batch, Device::Cpu);
     let refs = reference::compute(
         &loaded.model,
         &data.train.pairs,
@@ -219,16 +220,39 @@ fn every_step_execution_gives_the_same_gradients() {
         tokenizer.pad_token_id(),
         Device::Cpu,
     );
-    let (reference_a, reference_b) = refs.gather(&batch.pair_ids, Device::Cpu);
-    let preferences = Tensor::from_slice(&batch.preferences).view([4, 2]);
-    let drawn = Tensor::from_slice(&[0.2f32, 0.8, 0.5, 0.5, 0.9, 0.1, 0.3, 0.7]).view([4, 2]);
-    let inputs = MicroInputs {
-        tensors: &tensors,
-        reference_a,
-        reference_b,
-        preferences,
-        drawn_weights: Some(drawn),
+    let per_response = BatchTensors::new(&batch, Device::Cpu);
+    let shared = BatchTensors::shared_prompt(&batch, Device::Cpu);
+    assert_eq!(
+        shared.tokens, per_response.tokens,
+        "tokens count as rows of their own"
+    );
+    assert!(shared.input_ids.size()[0] * shared.seq_len() < per_response.input_ids.numel() as i64);
+    let inputs_of = |tensors| {
+        let (reference_a, reference_b) = refs.gather(&batch.pair_ids, Device::Cpu);
+        let preferences = Tensor::from_slice(&batch.preferences).view([4, 2]);
+        let drawn = Tensor::from_slice(&[0.2f32, 0.8, 0.5, 0.5, 0.9, 0.1, 0.3, 0.7]).view([4, 2]);
+        MicroInputs {
+            tensors,
+            reference_a,
+            reference_b,
+            preferences,
+            drawn_weights: Some(drawn),
+        }
     };
+    let (per_response_inputs, shared_inputs) = (inputs_of(&per_response), inputs_of(&shared));
+    // The same log-probabilities either way, per-row w included.
+    let w = per_response_inputs.drawn_weights.as_ref().unwrap();
+    let (a, b) =
+        tch::no_grad(|| sequence_logps(&loaded.model, &per_response, Conditioning::Weighted(w)));
+    let (shared_a, shared_b) =
+        tch::no_grad(|| sequence_logps(&loaded.model, &shared, Conditioning::Weighted(w)));
+    for (x, y) in [(a, shared_a), (b, shared_b)] {
+        let diff = (&x - &y).abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-4,
+            "shared-prompt log-probs differ by {diff}: {x} {y}"
+        );
+    }
     let signs: Vec<Vec<i8>> = data
         .train
         .select(&ids)
@@ -240,9 +264,15 @@ fn every_step_execution_gives_the_same_gradients() {
         batched: true,
         recompute: false,
         split: false,
+        shared_prompt: true,
     };
     // Each alternative execution against the default: pass by pass, per-block activation
-    // recomputation (batched and pass by pass), responses a and b in separate forwards.
+    // recomputation (batched and pass by pass), a row per response (in one forward, in two,
+    // pass by pass).
+    let per_response_rows = Execution {
+        shared_prompt: false,
+        ..default
+    };
     let alternatives = [
         Execution {
             batched: false,
@@ -257,20 +287,29 @@ fn every_step_execution_gives_the_same_gradients() {
             recompute: true,
             ..default
         },
+        per_response_rows,
         Execution {
             split: true,
-            ..default
+            ..per_response_rows
+        },
+        Execution {
+            batched: false,
+            ..per_response_rows
         },
     ];
+    let inputs = |execution: Execution| match execution.shared_prompt {
+        true => &shared_inputs,
+        false => &per_response_inputs,
+    };
     for plan in [
         StepPlan::SharedDpo,
         StepPlan::PerDimensionDpo,
         StepPlan::PerDimensionDpoAndKl,
         StepPlan::PerDimensionDpoAndLinearScalarisation,
     ] {
-        let expected = gradients(&loaded, plan, default, &inputs, &norms);
+        let expected = gradients(&loaded, plan, default, inputs(default), &norms);
         for execution in alternatives {
-            let got = gradients(&loaded, plan, execution, &inputs, &norms);
+            let got = gradients(&loaded, plan, execution, inputs(execution), &norms);
             let mut largest = 0f64;
             for ((name, a), (_, b)) in expected.iter().zip(&got) {
                 let diff = (a - b).abs().max().double_value(&[]);

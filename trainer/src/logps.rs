@@ -9,58 +9,199 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::data::MicroBatch;
-use crate::model::{CausalLm, Conditioning};
+use crate::model::{CausalLm, Conditioning, TokenLayout};
+
+/// How the rows of a [`BatchTensors`] hold a micro-batch's pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowLayout {
+    /// 2B right-padded rows: prompt + response a of every pair, then prompt + response b.
+    ResponsePerRow,
+    /// B rows of prompt + response a + response b: the prompt goes through the model once for
+    /// both responses. Response b attends to the prompt and itself only, at the positions it
+    /// would have after the prompt in a row of its own, so its log-probabilities are those of
+    /// [`RowLayout::ResponsePerRow`] (and so are the gradients, the prompt's summed).
+    SharedPrompt,
+}
+
+/// Token ids used for padding in shared-prompt rows: padding is never attended to nor
+/// scored, so any id in the vocabulary does.
+const SHARED_PROMPT_PAD_ID: i64 = 0;
 
 /// A micro-batch's buffers as tensors on the model's device.
 #[derive(Debug)]
 pub struct BatchTensors {
-    /// B: pairs; the batch has 2B rows, responses a then responses b.
+    /// B: pairs.
     pub pairs: i64,
-    /// [2B, T] int64
+    pub layout: RowLayout,
+    /// [R, T] int64, R = 2B rows (responses a, then b) or B rows (shared prompt)
     pub input_ids: Tensor,
-    /// [2B, T] int64, 1 on tokens, 0 on right padding
+    /// [R, T] int64, 1 on tokens, 0 on right padding
     pub attention_mask: Tensor,
-    /// [N] int64: flat indices into the `[2B, T - 1]` positions of the hidden states that
-    /// predict a response token (position j predicts token j + 1), in row-major order.
+    /// Shared prompt only: [R, T] int64 segment of each token (0 prompt, 1 response a,
+    /// 2 response b, -1 padding) and [R, T] int64 its position, restarting after the prompt
+    /// for response b.
+    pub segments_and_positions: Option<(Tensor, Tensor)>,
+    /// [N] int64: flat indices into the `[R * T]` hidden states of the positions that predict
+    /// a response token, those predicting response a first (row-major), then response b.
     pub predictors: Tensor,
-    /// How many of `predictors` lie in the a rows (they come first).
+    /// [N] int64: the response token each predictor predicts.
+    pub targets: Tensor,
+    /// [N] int64: which log-probability each token adds to: pair j's response a to j, its
+    /// response b to B + j.
+    pub slots: Tensor,
+    /// How many of `predictors` predict response a (they come first).
     pub a_predictors: i64,
-    /// Real (non-padding) tokens of the 2B rows, counted on the host.
+    /// Real tokens of the pairs as prompt + response sequences (the prompt counted for each
+    /// response, whatever the layout, so throughput compares across layouts), on the host.
     pub tokens: i64,
 }
 
-/// Flat indices `row * (T - 1) + j` of the positions j whose next token is a response token.
-fn predictor_positions(response_mask: &[i64], rows: usize, t: usize) -> Vec<i64> {
-    let mut positions = Vec::new();
-    for row in 0..rows {
-        for j in 0..t.saturating_sub(1) {
-            if response_mask[row * t + j + 1] != 0 {
-                positions.push((row * (t - 1) + j) as i64);
-            }
-        }
-    }
-    positions
+/// One scored token on the host: `(flat predictor position, target token, slot)`.
+type Scored = (i64, i64, i64);
+
+/// The scored tokens of one row of `batch` (one response after its prompt), predicted from
+/// the row's own positions: row r of 2B, its tokens t >= 1 in the response mask.
+fn response_row_scored(batch: &MicroBatch, row: usize) -> Vec<Scored> {
+    let t = batch.seq_len;
+    (1..t)
+        .filter(|&j| batch.response_mask[row * t + j] != 0)
+        .map(|j| {
+            (
+                (row * t + j - 1) as i64,
+                batch.input_ids[row * t + j],
+                row as i64,
+            )
+        })
+        .collect()
+}
+
+/// Prompt length and the prompt + response tokens of a row of `batch` (2B rows).
+fn row_parts(batch: &MicroBatch, row: usize) -> (usize, &[i64]) {
+    let t = batch.seq_len;
+    let ids = &batch.input_ids[row * t..(row + 1) * t];
+    let mask = &batch.response_mask[row * t..(row + 1) * t];
+    let len = batch.attention_mask[row * t..(row + 1) * t]
+        .iter()
+        .filter(|&&m| m != 0)
+        .count();
+    let prompt = mask.iter().position(|&m| m != 0).unwrap_or(len);
+    (prompt, &ids[..len])
+}
+
+fn to_tensor(values: &[i64], shape: &[i64], device: Device) -> Tensor {
+    Tensor::from_slice(values).view(shape).to_device(device)
+}
+
+fn scored_tensors(scored: &[Scored], device: Device) -> [Tensor; 3] {
+    let column = |f: fn(&Scored) -> i64| {
+        Tensor::from_slice(&scored.iter().map(f).collect::<Vec<_>>()).to_device(device)
+    };
+    [column(|s| s.0), column(|s| s.1), column(|s| s.2)]
 }
 
 impl BatchTensors {
+    /// 2B rows, one response each ([`RowLayout::ResponsePerRow`]).
     pub fn new(batch: &MicroBatch, device: Device) -> Self {
-        let (rows, t) = (2 * batch.pairs, batch.seq_len);
-        let tensor = |values: &[i64]| {
-            Tensor::from_slice(values)
-                .view([rows as i64, t as i64])
-                .to_device(device)
-        };
-        let predictors = predictor_positions(&batch.response_mask, rows, t);
+        let (b, rows, t) = (batch.pairs, 2 * batch.pairs, batch.seq_len);
+        let scored: Vec<Scored> = (0..rows)
+            .flat_map(|row| response_row_scored(batch, row))
+            .collect();
+        let [predictors, targets, slots] = scored_tensors(&scored, device);
         BatchTensors {
-            pairs: batch.pairs as i64,
-            input_ids: tensor(&batch.input_ids),
-            attention_mask: tensor(&batch.attention_mask),
-            a_predictors: predictors
-                .iter()
-                .filter(|&&p| p < (batch.pairs * (t - 1)) as i64)
-                .count() as i64,
-            predictors: Tensor::from_slice(&predictors).to_device(device),
+            pairs: b as i64,
+            layout: RowLayout::ResponsePerRow,
+            input_ids: to_tensor(&batch.input_ids, &[rows as i64, t as i64], device),
+            attention_mask: to_tensor(&batch.attention_mask, &[rows as i64, t as i64], device),
+            segments_and_positions: None,
+            a_predictors: scored.iter().filter(|s| s.2 < b as i64).count() as i64,
+            predictors,
+            targets,
+            slots,
             tokens: batch.attention_mask.iter().sum(),
+        }
+    }
+
+    /// B rows of prompt + response a + response b ([`RowLayout::SharedPrompt`]), from the
+    /// same micro-batch.
+    pub fn shared_prompt(batch: &MicroBatch, device: Device) -> Self {
+        let b = batch.pairs;
+        // Per pair: the prompt, then each response.
+        let parts: Vec<(&[i64], &[i64], &[i64])> = (0..b)
+            .map(|j| {
+                let (prompt_len, row_a) = row_parts(batch, j);
+                let (prompt_len_b, row_b) = row_parts(batch, b + j);
+                debug_assert_eq!(row_a[..prompt_len], row_b[..prompt_len_b]);
+                (
+                    &row_a[..prompt_len],
+                    &row_a[prompt_len..],
+                    &row_b[prompt_len_b..],
+                )
+            })
+            .collect();
+        let t = parts
+            .iter()
+            .map(|(p, a, r)| p.len() + a.len() + r.len())
+            .max()
+            .unwrap_or(0);
+        let mut input_ids = vec![SHARED_PROMPT_PAD_ID; b * t];
+        let mut attention_mask = vec![0i64; b * t];
+        let mut segments = vec![-1i64; b * t];
+        let mut positions = vec![0i64; b * t];
+        let (mut scored_a, mut scored_b): (Vec<Scored>, Vec<Scored>) = (Vec::new(), Vec::new());
+        for (j, (prompt, a, rejected)) in parts.iter().enumerate() {
+            let row = j * t;
+            let p = prompt.len();
+            assert!(p >= 1, "a prompt precedes every response");
+            let tokens = prompt.iter().chain(a.iter()).chain(rejected.iter());
+            for (i, &id) in tokens.enumerate() {
+                input_ids[row + i] = id;
+                attention_mask[row + i] = 1;
+                let (segment, position) = match i {
+                    i if i < p => (0, i),
+                    i if i < p + a.len() => (1, i),
+                    i => (2, i - a.len()),
+                };
+                segments[row + i] = segment;
+                positions[row + i] = position as i64;
+            }
+            // Response a as in its own row: token i at p + i, predicted from p + i - 1.
+            for (i, &id) in a.iter().enumerate() {
+                scored_a.push(((row + p + i - 1) as i64, id, j as i64));
+            }
+            // Response b: its first token is predicted from the prompt's last position, the
+            // others from the previous b token.
+            let b_start = p + a.len();
+            for (i, &id) in rejected.iter().enumerate() {
+                let from = if i == 0 { p - 1 } else { b_start + i - 1 };
+                scored_b.push(((row + from) as i64, id, (b + j) as i64));
+            }
+        }
+        let a_predictors = scored_a.len() as i64;
+        scored_a.extend(scored_b);
+        let [predictors, targets, slots] = scored_tensors(&scored_a, device);
+        let shape = [b as i64, t as i64];
+        BatchTensors {
+            pairs: b as i64,
+            layout: RowLayout::SharedPrompt,
+            input_ids: to_tensor(&input_ids, &shape, device),
+            attention_mask: to_tensor(&attention_mask, &shape, device),
+            segments_and_positions: Some((
+                to_tensor(&segments, &shape, device),
+                to_tensor(&positions, &shape, device),
+            )),
+            predictors,
+            targets,
+            slots,
+            a_predictors,
+            tokens: batch.attention_mask.iter().sum(),
+        }
+    }
+
+    /// Either layout of `batch`.
+    pub fn with_layout(batch: &MicroBatch, layout: RowLayout, device: Device) -> Self {
+        match layout {
+            RowLayout::ResponsePerRow => Self::new(batch, device),
+            RowLayout::SharedPrompt => Self::shared_prompt(batch, device),
         }
     }
 
@@ -69,63 +210,84 @@ impl BatchTensors {
         self.input_ids.size()[1]
     }
 
-    /// The batch with every pair repeated `copies` times, as a batch of `copies * B` pairs:
-    /// rows [a x copies; b x copies], so pair `c * B + j` is pair j. Several weight vectors
-    /// then share one forward, one per copy.
+    /// The mask and rotary positions the model runs these rows with.
+    pub fn token_layout(&self, model: &CausalLm) -> TokenLayout {
+        match &self.segments_and_positions {
+            None => model.padded_layout(&self.attention_mask),
+            Some((segments, positions)) => model.segmented_layout(segments, positions),
+        }
+    }
+
+    /// The batch with every pair repeated `copies` times, as a batch of `copies * B` pairs in
+    /// which pair `c * B + j` is pair j. Several weight vectors then share one forward, one per
+    /// copy. Rows: [a x copies; b x copies] one response per row, [rows x copies] with a
+    /// shared prompt. Computed on the device, without waiting on it.
     pub fn replicated(&self, copies: i64) -> BatchTensors {
         let b = self.pairs;
-        let replicate = |t: &Tensor| {
-            let a = t.narrow(0, 0, b).repeat([copies, 1]);
-            let rejected = t.narrow(0, b, b).repeat([copies, 1]);
-            Tensor::cat(&[a, rejected], 0)
+        let t = self.seq_len();
+        let replicate = |x: &Tensor| match self.layout {
+            RowLayout::ResponsePerRow => {
+                let a = x.narrow(0, 0, b).repeat([copies, 1]);
+                let rejected = x.narrow(0, b, b).repeat([copies, 1]);
+                Tensor::cat(&[a, rejected], 0)
+            }
+            RowLayout::SharedPrompt => x.repeat([copies, 1]),
         };
-        // Predictor positions of the a rows come first (row-major). Copy c of a row of a sits
-        // c B rows further down; copy c of a row of b, (copies - 1 + c) B rows further down.
-        let per_half = b * (self.seq_len() - 1); // positions in B rows
+        // Copy c of a row sits c B rows further down, and with a row per response, the b rows
+        // of every copy sit after all the a rows: (copies - 1) B rows further still.
+        let b_rows_after_a = match self.layout {
+            RowLayout::ResponsePerRow => (copies - 1) * b,
+            RowLayout::SharedPrompt => 0,
+        };
         let (n_a, n) = (self.a_predictors, self.predictors.size()[0]);
-        let (in_a, in_b) = (
-            self.predictors.narrow(0, 0, n_a),
-            self.predictors.narrow(0, n_a, n - n_a),
-        );
-        let mut parts: Vec<Tensor> = (0..copies).map(|c| &in_a + c * per_half).collect();
-        parts.extend((0..copies).map(|c| &in_b + (copies - 1 + c) * per_half));
+        let split = |x: &Tensor| (x.narrow(0, 0, n_a), x.narrow(0, n_a, n - n_a));
+        let (predictors_a, predictors_b) = split(&self.predictors);
+        let (targets_a, targets_b) = split(&self.targets);
+        let (slots_a, slots_b) = split(&self.slots);
+        let mut predictors: Vec<Tensor> = (0..copies).map(|c| &predictors_a + c * b * t).collect();
+        predictors.extend((0..copies).map(|c| &predictors_b + (b_rows_after_a + c * b) * t));
+        // Slots: a of pair c B + j at c B + j; b at copies B + c B + j.
+        let mut slots: Vec<Tensor> = (0..copies).map(|c| &slots_a + c * b).collect();
+        slots.extend((0..copies).map(|c| &slots_b + (copies - 1 + c) * b));
         BatchTensors {
             pairs: copies * b,
+            layout: self.layout,
             input_ids: replicate(&self.input_ids),
             attention_mask: replicate(&self.attention_mask),
-            predictors: Tensor::cat(&parts, 0),
+            segments_and_positions: self
+                .segments_and_positions
+                .as_ref()
+                .map(|(s, p)| (replicate(s), replicate(p))),
+            predictors: Tensor::cat(&predictors, 0),
+            targets: Tensor::cat(&[targets_a.repeat([copies]), targets_b.repeat([copies])], 0),
+            slots: Tensor::cat(&slots, 0),
             a_predictors: n_a * copies,
             tokens: self.tokens * copies,
         }
     }
 }
 
-/// Response log-probabilities of every row from the decoder's final hidden states: [rows] in
-/// f32. Only the `predictors` positions ([N] flat indices into `[rows, T - 1]`) go through the
-/// LM head, so the `[rows, T, vocab]` logits of prompts and padding are never built.
-/// hidden: [rows, T, H]; input_ids: [rows, T].
+/// Sums of scored tokens' log-probabilities from the decoder's final hidden states:
+/// [outputs] in f32. Only the `predictors` positions ([N] flat indices into `[R * T]`) go
+/// through the LM head, so the `[R, T, vocab]` logits of prompts and padding are never built;
+/// each token's log-probability of its `targets` id ([N]) adds to its `slots` entry ([N]).
+/// hidden: [R, T, H].
 pub fn logps_from_hidden(
     model: &CausalLm,
     hidden: &Tensor,
-    input_ids: &Tensor,
     predictors: &Tensor,
+    targets: &Tensor,
+    slots: &Tensor,
+    outputs: i64,
 ) -> Tensor {
-    let (rows, t, h) = (hidden.size()[0], hidden.size()[1], hidden.size()[2]);
-    let scored = hidden
-        .narrow(1, 0, t - 1)
-        .reshape([-1, h])
-        .index_select(0, predictors); // [N, H]
-    let targets = input_ids
-        .narrow(1, 1, t - 1)
-        .reshape([-1])
-        .index_select(0, predictors); // [N]
+    let h = hidden.size()[2];
+    let scored = hidden.reshape([-1, h]).index_select(0, predictors); // [N, H]
     let logits = model.logits_from_hidden(&scored); // [N, vocab]
     let token_logps = logits
         .log_softmax(-1, Kind::Float)
         .gather(1, &targets.unsqueeze(1), false)
         .squeeze_dim(1); // [N]
-    let row_of = predictors.floor_divide_scalar(t - 1); // [N]
-    Tensor::zeros([rows], (Kind::Float, hidden.device())).index_add(0, &row_of, &token_logps)
+    Tensor::zeros([outputs], (Kind::Float, hidden.device())).index_add(0, slots, &token_logps)
 }
 
 /// Response log-probabilities of every row: [rows] in f32, for callers holding only tensors
@@ -139,21 +301,25 @@ pub fn response_logps(
     response_mask: &Tensor,
     conditioning: Conditioning,
 ) -> Tensor {
-    let t = input_ids.size()[1];
+    let (rows, t) = (input_ids.size()[0], input_ids.size()[1]);
     let hidden = model.hidden_states(input_ids, attention_mask, conditioning); // [rows, T, H]
-    let predictors = response_mask
-        .narrow(1, 1, t - 1)
-        .reshape([-1])
-        .nonzero()
-        .squeeze_dim(1); // [N]
-    logps_from_hidden(model, &hidden, input_ids, &predictors)
+                                                                               // Position j predicts token j + 1; the last position predicts nothing.
+    let shift =
+        |x: &Tensor| Tensor::cat(&[x.narrow(1, 1, t - 1), x.narrow(1, 0, 1).zeros_like()], 1);
+    let predictors = shift(response_mask).reshape([-1]).nonzero().squeeze_dim(1); // [N]
+    let targets = shift(input_ids).reshape([-1]).index_select(0, &predictors); // [N]
+    let slots = predictors.floor_divide_scalar(t); // [N]
+    logps_from_hidden(model, &hidden, &predictors, &targets, &slots, rows)
 }
 
-/// The conditioning of a batch's 2B rows: a `Weighted` one holds one weight vector per pair,
-/// [B, k], and both responses of a pair see the same `w`, so it becomes [2B, k].
-pub fn per_row(conditioning: Conditioning) -> RowConditioning {
+/// The conditioning of a batch's rows: a `Weighted` one holds one weight vector per pair,
+/// [B, k]; with a row per response both rows of a pair see it, so it becomes [2B, k].
+pub fn per_row(batch: &BatchTensors, conditioning: Conditioning) -> RowConditioning {
     match conditioning {
-        Conditioning::Weighted(w) => RowConditioning::Weighted(Tensor::cat(&[w, w], 0)),
+        Conditioning::Weighted(w) => RowConditioning::Weighted(match batch.layout {
+            RowLayout::ResponsePerRow => Tensor::cat(&[w, w], 0),
+            RowLayout::SharedPrompt => w.shallow_clone(),
+        }),
         Conditioning::Reference => RowConditioning::Reference,
         Conditioning::SharedOnly => RowConditioning::SharedOnly,
     }
@@ -163,7 +329,7 @@ pub fn per_row(conditioning: Conditioning) -> RowConditioning {
 pub enum RowConditioning {
     Reference,
     SharedOnly,
-    /// [2B, k]
+    /// [R, k]
     Weighted(Tensor),
 }
 
@@ -177,17 +343,22 @@ impl RowConditioning {
     }
 }
 
-/// `(log pi(y_a | x), log pi(y_b | x))`, each [B], from the final hidden states [2B, T, H].
+/// `(log pi(y_a | x), log pi(y_b | x))`, each [B], from the final hidden states [R, T, H].
 pub fn pair_logps_from_hidden(
     model: &CausalLm,
     batch: &BatchTensors,
     hidden: &Tensor,
 ) -> (Tensor, Tensor) {
-    let logps = logps_from_hidden(model, hidden, &batch.input_ids, &batch.predictors); // [2B]
-    (
-        logps.narrow(0, 0, batch.pairs),
-        logps.narrow(0, batch.pairs, batch.pairs),
-    )
+    let b = batch.pairs;
+    let logps = logps_from_hidden(
+        model,
+        hidden,
+        &batch.predictors,
+        &batch.targets,
+        &batch.slots,
+        2 * b,
+    ); // [2B]
+    (logps.narrow(0, 0, b), logps.narrow(0, b, b))
 }
 
 /// `(log pi(y_a | x; w), log pi(y_b | x; w))`, each [B]. `Weighted` conditioning holds one
@@ -197,12 +368,9 @@ pub fn sequence_logps(
     batch: &BatchTensors,
     conditioning: Conditioning,
 ) -> (Tensor, Tensor) {
-    let rows = per_row(conditioning);
-    let hidden = model.hidden_states(
-        &batch.input_ids,
-        &batch.attention_mask,
-        rows.as_conditioning(),
-    ); // [2B, T, H]
+    let rows = per_row(batch, conditioning);
+    let layout = batch.token_layout(model);
+    let hidden = model.hidden_states_in(&batch.input_ids, &layout, rows.as_conditioning()); // [R, T, H]
     pair_logps_from_hidden(model, batch, &hidden)
 }
 
@@ -241,17 +409,22 @@ mod tests {
         }
     }
 
-    /// The positions `nonzero` finds on the device, from a response mask [rows, T].
+    /// The predictor positions `nonzero` finds on the device from a response mask [rows, T]:
+    /// flat `row * T + j` where token j + 1 is a response token.
     fn device_positions(response_mask: &Tensor) -> Vec<i64> {
         let t = response_mask.size()[1];
-        Vec::<i64>::try_from(
-            response_mask
-                .narrow(1, 1, t - 1)
-                .reshape([-1])
-                .nonzero()
-                .squeeze_dim(1),
-        )
-        .unwrap()
+        let shifted = Tensor::cat(
+            &[
+                response_mask.narrow(1, 1, t - 1),
+                response_mask.narrow(1, 0, 1).zeros_like(),
+            ],
+            1,
+        );
+        Vec::<i64>::try_from(shifted.reshape([-1]).nonzero().squeeze_dim(1)).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(t).unwrap()
     }
 
     #[test]
@@ -259,8 +432,17 @@ mod tests {
         let micro = batch();
         let tensors = BatchTensors::new(&micro, Device::Cpu);
         let mask = Tensor::from_slice(&micro.response_mask).view([4, 5]);
-        let found = Vec::<i64>::try_from(&tensors.predictors).unwrap();
+        let found = values(&tensors.predictors);
         assert_eq!(found, device_positions(&mask));
+        // Each predicts the next token (input ids are 0..20, row-major), summed into its row.
+        assert_eq!(
+            values(&tensors.targets),
+            found.iter().map(|p| p + 1).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            values(&tensors.slots),
+            found.iter().map(|p| p / 5).collect::<Vec<_>>()
+        );
         assert_eq!(tensors.a_predictors, 2 + 4);
         assert_eq!(tensors.tokens, micro.attention_mask.iter().sum::<i64>());
         // Replicated rows [a x 3; b x 3], as `replicated` lays them out.
@@ -268,12 +450,61 @@ mod tests {
         let replicated = tensors.replicated(copies);
         let (a, b) = (mask.narrow(0, 0, 2), mask.narrow(0, 2, 2));
         let expected_mask = Tensor::cat(&[a.repeat([copies, 1]), b.repeat([copies, 1])], 0);
+        let positions = device_positions(&expected_mask);
+        assert_eq!(values(&replicated.predictors), positions);
+        let ids = values(&replicated.input_ids.reshape([-1]));
         assert_eq!(
-            Vec::<i64>::try_from(&replicated.predictors).unwrap(),
-            device_positions(&expected_mask)
+            values(&replicated.targets),
+            positions
+                .iter()
+                .map(|&p| ids[p as usize + 1])
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            values(&replicated.slots),
+            positions.iter().map(|p| p / 5).collect::<Vec<_>>()
         );
         assert_eq!(replicated.a_predictors, 3 * tensors.a_predictors);
         assert_eq!(replicated.tokens, 3 * tensors.tokens);
         assert_eq!(replicated.input_ids.size(), [12, 5]);
+    }
+
+    /// One pair, prompt [10, 11], response a [12], response b [13, 14], padded to T = 4 as
+    /// rows of their own. Shared, the row is [10 11 12 13 14]: segments 0 0 1 2 2, positions
+    /// 0 1 2 2 3 (b restarts after the prompt); 12 and 13 are both predicted from position 1
+    /// (the prompt's last token), 14 from position 3 (13's). Slots: a to 0, b to B + 0 = 1.
+    #[test]
+    fn shared_prompt_rows_by_hand() {
+        let micro = MicroBatch {
+            pair_ids: vec![0],
+            pairs: 1,
+            seq_len: 4,
+            dimensions: 1,
+            input_ids: vec![10, 11, 12, 99, 10, 11, 13, 14],
+            attention_mask: vec![1, 1, 1, 0, 1, 1, 1, 1],
+            response_mask: vec![0, 0, 1, 0, 0, 0, 1, 1],
+            preferences: vec![1],
+            scores_a: vec![1.0],
+            scores_b: vec![0.0],
+            conflict: vec![0],
+        };
+        let shared = BatchTensors::shared_prompt(&micro, Device::Cpu);
+        assert_eq!(
+            values(&shared.input_ids.reshape([-1])),
+            [10, 11, 12, 13, 14]
+        );
+        let (segments, positions) = shared.segments_and_positions.as_ref().unwrap();
+        assert_eq!(values(&segments.reshape([-1])), [0, 0, 1, 2, 2]);
+        assert_eq!(values(&positions.reshape([-1])), [0, 1, 2, 2, 3]);
+        assert_eq!(values(&shared.predictors), [1, 1, 3]);
+        assert_eq!(values(&shared.targets), [12, 13, 14]);
+        assert_eq!(values(&shared.slots), [0, 1, 1]);
+        assert_eq!((shared.a_predictors, shared.tokens), (1, 7));
+        // Two copies: rows [pair; pair], b slots after both copies' a slots.
+        let twice = shared.replicated(2);
+        assert_eq!(twice.input_ids.size(), [2, 5]);
+        assert_eq!(values(&twice.predictors), [1, 6, 1, 3, 6, 8]);
+        assert_eq!(values(&twice.targets), [12, 12, 13, 14, 13, 14]);
+        assert_eq!(values(&twice.slots), [0, 1, 2, 2, 3, 3]);
     }
 }

@@ -6,7 +6,7 @@
 use tch::{Kind, Tensor};
 
 use crate::logps::{
-    logps_from_hidden, pair_logps_from_hidden, per_row, sequence_logps, BatchTensors,
+    logps_from_hidden, pair_logps_from_hidden, per_row, sequence_logps, BatchTensors, RowLayout,
 };
 use crate::loss;
 use crate::method::StepPlan;
@@ -132,24 +132,36 @@ impl PassRewards {
     }
 }
 
-/// `(log pi(y_a), log pi(y_b))` ([B] each) with responses a and b in two forwards.
+/// `(log pi(y_a), log pi(y_b))` ([B] each) with responses a and b in two forwards (rows of
+/// one response each).
 fn split_pair_logps(
     model: &CausalLm,
     batch: &BatchTensors,
     cond: Conditioning,
 ) -> (Tensor, Tensor) {
+    assert_eq!(
+        batch.layout,
+        RowLayout::ResponsePerRow,
+        "responses in separate forwards need a row per response"
+    );
     let (b, n_a) = (batch.pairs, batch.a_predictors);
     let n_b = batch.predictors.size()[0] - n_a;
-    let per_half = b * (batch.seq_len() - 1);
-    let half = |start: i64, predictors: Tensor| {
+    let half_positions = b * batch.seq_len(); // flat positions in B rows
+    let half = |start: i64, n_start: i64, n: i64| {
         let ids = batch.input_ids.narrow(0, start, b); // [B, T]
         let hidden = model.hidden_states(&ids, &batch.attention_mask.narrow(0, start, b), cond);
-        logps_from_hidden(model, &hidden, &ids, &predictors)
+        let take = |x: &Tensor| x.narrow(0, n_start, n);
+        // The b half's rows start B rows in: shift its positions and slots back.
+        logps_from_hidden(
+            model,
+            &hidden,
+            &(take(&batch.predictors) - start / b * half_positions),
+            &take(&batch.targets),
+            &(take(&batch.slots) - start),
+            b,
+        )
     };
-    (
-        half(0, batch.predictors.narrow(0, 0, n_a)),
-        half(b, batch.predictors.narrow(0, n_a, n_b) - per_half),
-    )
+    (half(0, 0, n_a), half(b, n_a, n_b))
 }
 
 /// One forward of `batch` (conditioning per pair), the loss `loss_of` builds from
@@ -162,10 +174,10 @@ fn forward_backward<R>(
     loss_of: impl FnOnce(Tensor, Tensor) -> (Tensor, R),
 ) -> R {
     if ctx.recompute_activations {
-        let rows = per_row(conditioning);
+        let rows = per_row(batch, conditioning);
         return ctx.model.backward_recomputing(
             &batch.input_ids,
-            &batch.attention_mask,
+            &batch.token_layout(ctx.model),
             rows.as_conditioning(),
             |hidden| {
                 let (a, b) = pair_logps_from_hidden(ctx.model, batch, hidden);

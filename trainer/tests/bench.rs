@@ -40,7 +40,6 @@ fn tiny_bench_writes_every_case_and_ratio() {
         "--threads",
         "2",
     ]);
-    // "reference every step" matches both stage-1 and stage-3 ablations: one is enough here.
     command.args(["--only", "stage 1"]);
     command.arg("--out").arg(&out);
     command.arg("--work").arg(tmp.path().join("work"));
@@ -70,7 +69,11 @@ fn tiny_bench_writes_every_case_and_ratio() {
     let names: Vec<&str> = cases.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["curriculum stage 1", "stage 1, reference every step"],
+        [
+            "curriculum stage 1",
+            "stage 1, reference every step",
+            "stage 1, a row per response"
+        ],
         "--only keeps the matching cases, in order"
     );
     for case in cases {
@@ -82,9 +85,12 @@ fn tiny_bench_writes_every_case_and_ratio() {
         assert!(case["peak_memory_bytes"].as_u64().unwrap() > 0);
         assert_eq!(case["ms_per_step"].as_array().unwrap().len(), 2);
     }
+    assert!(results["ablations"]["stage 1, a row per response"]["throughput_vs_default"].is_f64());
     // Model FLOPs count the training passes only: the same batches give the same count, and the
     // ablation's extra reference forward shows as lower MFU, not as more useful work.
     assert_eq!(cases[0]["flops_per_step"], cases[1]["flops_per_step"]);
+    // The prompt twice, once per response, is more model FLOPs than once per pair.
+    assert!(cases[2]["flops_per_step"].as_f64() > cases[0]["flops_per_step"].as_f64());
     assert!(
         results["ablations"]["stage 1, reference every step"]["throughput_vs_default"].is_f64()
     );

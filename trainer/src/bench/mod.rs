@@ -31,7 +31,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 use crate::data::split::{seeded_rng, PairKind, Preference};
 use crate::data::tokenize::Truncation;
 use crate::data::{collate, epoch_batches, DataConfig, TokenizedPair};
-use crate::logps::{sequence_logps, BatchTensors};
+use crate::logps::{sequence_logps, BatchTensors, RowLayout};
 use crate::method::{stages, MethodConfig, MethodName, PairPool, Stage};
 use crate::model::tiny::{write_tiny_model, TinyModelSpec};
 use crate::model::{self, AdapterSpec, CausalLm, Conditioning, LoraGemms, ModelConfig};
@@ -118,6 +118,7 @@ pub struct Variant {
     pub length_bucketing: bool,
     pub frozen_base: bool,
     pub recompute_activations: bool,
+    pub shared_prompt: bool,
 }
 
 impl Variant {
@@ -130,6 +131,7 @@ impl Variant {
         length_bucketing: true,
         frozen_base: true,
         recompute_activations: false,
+        shared_prompt: true,
     };
 }
 
@@ -552,7 +554,11 @@ impl Bench {
             let norms = Normalisers::of(&signs.iter().map(Vec::as_slice).collect::<Vec<_>>(), k, 1);
             let mut stats = StepStats::new(k, device);
             let batch = collate(&selected, self.pad_token_id);
-            let tensors = BatchTensors::new(&batch, device);
+            let layout = match v.shared_prompt {
+                true => RowLayout::SharedPrompt,
+                false => RowLayout::ResponsePerRow,
+            };
+            let tensors = BatchTensors::with_layout(&batch, layout, device);
             let (reference_a, reference_b) = match &reference {
                 Some(cached) => cached.gather(&batch.pair_ids, device),
                 None => tch::no_grad(|| sequence_logps(&model, &tensors, Conditioning::Reference)),
@@ -598,7 +604,13 @@ impl Bench {
             if step_index >= self.options.warmup {
                 times.push(elapsed * 1e3);
                 tokens += stats.tokens;
-                flops += self.batch_flops(&selected, &spec, adapters_of_pass, stage.step.passes(k));
+                flops += self.batch_flops(
+                    &selected,
+                    &spec,
+                    adapters_of_pass,
+                    stage.step.passes(k),
+                    v.shared_prompt,
+                );
             }
         }
         let peak = self.peak_memory();
@@ -622,27 +634,30 @@ impl Bench {
         })
     }
 
-    /// Model FLOPs of one step over `pairs`: every pass over both responses of every pair.
+    /// Model FLOPs of one step over `pairs`: every pass over both responses of every pair,
+    /// with the prompt once per pair when it is shared (causal attention makes the cost
+    /// additive over tokens, so a shared row costs its two rows less one prompt).
     fn batch_flops(
         &self,
         pairs: &[&TokenizedPair],
         spec: &AdapterSpec,
         adapters: PassAdapters,
         passes: usize,
+        shared_prompt: bool,
     ) -> f64 {
+        let row = |tokens: usize, response: usize| {
+            row_pass_flops(&self.config, spec, adapters, tokens as i64, response as i64)
+        };
         let per_pass: f64 = pairs
             .iter()
-            .flat_map(|p| {
-                [&p.response_a_ids, &p.response_b_ids].map(|r| (p.prompt_ids.len(), r.len()))
-            })
-            .map(|(prompt, response)| {
-                row_pass_flops(
-                    &self.config,
-                    spec,
-                    adapters,
-                    (prompt + response) as i64,
-                    response as i64,
-                )
+            .map(|p| {
+                let prompt = p.prompt_ids.len();
+                let (a, b) = (p.response_a_ids.len(), p.response_b_ids.len());
+                let rows = row(prompt + a, a) + row(prompt + b, b);
+                match shared_prompt {
+                    true => rows - row(prompt, 0),
+                    false => rows,
+                }
             })
             .sum();
         per_pass * passes as f64
@@ -666,16 +681,21 @@ impl Bench {
         }
         if self.options.ablations {
             let stage1 = Case::new("", MethodName::Curriculum, 1);
-            cases.push(stage1.with("stage 1, reference every step", |v| {
+            cases.push(stage1.clone().with("stage 1, reference every step", |v| {
                 v.reference_cache = false
             }));
+            cases.push(stage1.with("stage 1, a row per response", |v| v.shared_prompt = false));
             let stage3 = Case::new("", MethodName::Curriculum, 3);
             for (name, off) in [
                 (
                     "reference every step",
                     (|v: &mut Variant| v.reference_cache = false) as fn(&mut Variant),
                 ),
-                ("responses in two forwards", |v| v.joint_responses = false),
+                ("a row per response", |v| v.shared_prompt = false),
+                ("a row per response, in two forwards", |v| {
+                    v.shared_prompt = false;
+                    v.joint_responses = false
+                }),
                 ("k + 1 passes one by one", |v| v.batched_passes = false),
                 ("LoRA GEMMs per block", |v| v.stacked_lora = false),
                 ("no length bucketing", |v| v.length_bucketing = false),
@@ -695,6 +715,7 @@ impl Bench {
                     length_bucketing: false,
                     frozen_base: false,
                     recompute_activations: false,
+                    shared_prompt: false,
                 }
             });
             cases.push(naive);

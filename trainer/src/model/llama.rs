@@ -161,13 +161,34 @@ impl Rotary {
             sin: angles.sin().to_kind(kind),
         }
     }
+
+    /// cos and sin for each row's own positions ([b, t] int64), each [b, 1, t, head_dim]
+    /// (broadcast over heads), in `kind`.
+    pub fn tables_at(&self, positions: &Tensor, kind: Kind) -> RopeTables {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq; // [b, t, head_dim / 2]
+        let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1); // [b, 1, t, head_dim]
+        RopeTables {
+            cos: angles.cos().to_kind(kind),
+            sin: angles.sin().to_kind(kind),
+        }
+    }
 }
 
-/// cos and sin of the rotary angles, each [t, head_dim].
+/// cos and sin of the rotary angles, each [t, head_dim] (or [b, 1, t, head_dim]).
 #[derive(Debug)]
 pub struct RopeTables {
     pub cos: Tensor,
     pub sin: Tensor,
+}
+
+/// Where the tokens of a batch sit: which keys each query may attend, and the rotary angles
+/// of each token's position. Built by [`CausalLm::padded_layout`] or
+/// [`CausalLm::segmented_layout`].
+#[derive(Debug)]
+pub struct TokenLayout {
+    /// [b, 1, t, t] bool, true where query i may attend key j
+    pub mask: Tensor,
+    pub rope: RopeTables,
 }
 
 /// x: [b, heads, t, d] rotated by the tables' angles (HF `apply_rotary_pos_emb`).
@@ -476,6 +497,42 @@ impl CausalLm {
         all
     }
 
+    /// The layout of right-padded rows, each one sequence from position 0.
+    /// attention_mask: [b, t], 1 for tokens and 0 for right padding.
+    pub fn padded_layout(&self, attention_mask: &Tensor) -> TokenLayout {
+        TokenLayout {
+            mask: self.attention_mask(attention_mask),
+            rope: self.rotary.tables(0, attention_mask.size()[1], self.kind),
+        }
+    }
+
+    /// The layout of rows that hold several sequences sharing a prefix: `segments` [b, t]
+    /// int64 is 0 on the shared prefix, 1, 2, .. on the continuations that follow it one after
+    /// another, and -1 on right padding; `positions` [b, t] int64 restart after the prefix for
+    /// each continuation. Query i may attend key j <= i when j is in the prefix or in i's own
+    /// continuation (and, Mistral, within the sliding window of positions), so each
+    /// continuation sees exactly what it would see as its own row after the prefix.
+    pub fn segmented_layout(&self, segments: &Tensor, positions: &Tensor) -> TokenLayout {
+        let (b, t) = (segments.size()[0], segments.size()[1]);
+        let index = Tensor::arange(t, (Kind::Int64, segments.device()));
+        let causal = index.view([1, t]).le_tensor(&index.view([t, 1])); // [t, t]
+        let query_segment = segments.view([b, t, 1]);
+        let key_segment = segments.view([b, 1, t]);
+        let visible = key_segment
+            .eq(0)
+            .logical_or(&key_segment.eq_tensor(&query_segment))
+            .logical_and(&key_segment.ge(0)); // [b, t, t]
+        let mut allowed = visible.logical_and(&causal.unsqueeze(0));
+        if let Some(window) = self.config.sliding_window {
+            let distance = positions.view([b, t, 1]) - positions.view([b, 1, t]);
+            allowed = allowed.logical_and(&distance.lt(window));
+        }
+        TokenLayout {
+            mask: allowed.unsqueeze(1), // [b, 1, t, t]
+            rope: self.rotary.tables_at(positions, self.kind),
+        }
+    }
+
     /// The attention mask the decoder uses: [b, 1, t, t] bool, true where query i may attend
     /// key j: j <= i (causal), key j is not padding, and (Mistral) i - j < sliding_window.
     /// attention_mask: [b, t], 1 for tokens and 0 for right padding.
@@ -500,6 +557,16 @@ impl CausalLm {
         attention_mask: &Tensor,
         cond: Conditioning,
     ) -> Tensor {
+        self.hidden_states_in(input_ids, &self.padded_layout(attention_mask), cond)
+    }
+
+    /// input_ids: [b, t] int64 laid out as `layout` says -> final hidden states [b, t, hidden]
+    pub fn hidden_states_in(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        cond: Conditioning,
+    ) -> Tensor {
         if let Conditioning::Weighted(w) = cond {
             assert_eq!(
                 w.size()[0],
@@ -507,12 +574,9 @@ impl CausalLm {
                 "one weight vector per row"
             );
         }
-        let t = input_ids.size()[1];
-        let mask = self.attention_mask(attention_mask);
-        let rope = self.rotary.tables(0, t, self.kind);
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &mask, cond);
+            x = layer.forward(&x, &layout.rope, &layout.mask, cond);
         }
         self.norm.forward(&x)
     }
@@ -529,19 +593,17 @@ impl CausalLm {
     pub fn backward_recomputing<R>(
         &self,
         input_ids: &Tensor,
-        attention_mask: &Tensor,
+        layout: &TokenLayout,
         cond: Conditioning,
         head: impl FnOnce(&Tensor) -> (Tensor, R),
     ) -> R {
-        let t = input_ids.size()[1];
-        let mask = self.attention_mask(attention_mask);
-        let rope = self.rotary.tables(0, t, self.kind);
+        let (mask, rope) = (&layout.mask, &layout.rope);
         let mut block_inputs = Vec::with_capacity(self.layers.len());
         let last = tch::no_grad(|| {
             let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
             for layer in &self.layers {
                 block_inputs.push(x.shallow_clone());
-                x = layer.forward(&x, &rope, &mask, cond);
+                x = layer.forward(&x, rope, mask, cond);
             }
             x
         });
@@ -551,7 +613,7 @@ impl CausalLm {
         let mut grad = top.grad(); // d loss / d output of the last block: [b, t, hidden]
         for (layer, input) in self.layers.iter().zip(block_inputs).rev() {
             let x = input.set_requires_grad(true);
-            let y = layer.forward(&x, &rope, &mask, cond);
+            let y = layer.forward(&x, rope, mask, cond);
             // sum(y * g) has gradient g with respect to y: a vector-Jacobian product.
             (y * &grad).sum(Kind::Float).backward();
             grad = x.grad();

@@ -17,7 +17,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub use adapter::{AdapterSpec, Conditioning, LoraGemms};
 pub use hf_config::{Architecture, ModelConfig, RopeScaling};
-pub use llama::{CausalLm, KvCache};
+pub use llama::{CausalLm, KvCache, TokenLayout};
 
 use crate::config::{DeviceChoice, DtypeChoice};
 

@@ -38,7 +38,7 @@ use crate::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
 use crate::config::RunConfig;
 use crate::data::{self, collate, epoch_batches, BatchPlan, PreferenceData};
 use crate::eval;
-use crate::logps::BatchTensors;
+use crate::logps::{BatchTensors, RowLayout};
 use crate::method::{stages, Stage};
 use crate::model::{self, LoadedModel};
 use crate::optim::{learning_rate, AdamW};
@@ -385,6 +385,10 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     let mut context = StepContext::new(&run.loaded.model, stage.step, config.method.beta, k);
     context.batch_passes = config.method.batch_passes;
     context.recompute_activations = t.recompute_activations;
+    let row_layout = match t.share_prompt {
+        true => RowLayout::SharedPrompt,
+        false => RowLayout::ResponsePerRow,
+    };
     let progress = indicatif::ProgressBar::new(total_steps as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "stage {msg} [{bar:30}] {pos}/{len} steps, {elapsed} < {eta}",
@@ -446,7 +450,7 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
             let mut stats = StepStats::new(k, device);
             for micro in plan.shard(global, rank) {
                 let batch = collate(&run.data.train.select(micro), run.tokenizer.pad_token_id());
-                let tensors = BatchTensors::new(&batch, device);
+                let tensors = BatchTensors::with_layout(&batch, row_layout, device);
                 let (reference_a, reference_b) = run.reference.gather(&batch.pair_ids, device);
                 let drawn_weights = drawn.as_ref().map(|w| {
                     // Rows of this micro-batch, by position in the global batch.

@@ -61,12 +61,20 @@ pub struct TrainConfig {
     /// (long sequences, big models).
     #[serde(default)]
     pub recompute_activations: bool,
+    /// Put both responses of a pair in one row after a single copy of the prompt, so the
+    /// prompt goes through the model once per pass instead of twice (same log-probabilities
+    /// and gradients; false: a row per response, as TRL does).
+    #[serde(default = "defaults::share_prompt")]
+    pub share_prompt: bool,
     /// Periodic checkpoints kept (the newest); stage-final ones are always kept.
     #[serde(default = "defaults::keep_checkpoints")]
     pub keep_checkpoints: usize,
 }
 
 mod defaults {
+    pub fn share_prompt() -> bool {
+        true
+    }
     pub fn learning_rate() -> f64 {
         5e-6
     }
