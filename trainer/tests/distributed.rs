@@ -92,11 +92,16 @@ fn two_ranks_equal_one_rank(method: &str) {
         adapters(&tmp.path().join("single")),
         adapters(&tmp.path().join("double")),
     );
+    // The two runs add the same micro-batch gradients in a different order (two backwards
+    // into `.grad` on one rank, an all-reduce across two), so they agree to float rounding.
+    // Adam's update m / (sqrt(v) + eps) magnifies that rounding up to lr / eps-fold where a
+    // gradient entry is near zero, so after 4 steps a few entries differ by ~1e-5; 1e-4 is 2%
+    // of one step at lr = 5e-3, while a sharding or scaling error moves adapters by ~lr.
     let mut largest_change = 0f64;
     for (name, t) in &a {
         let diff = (t - &b[name]).abs().max().double_value(&[]);
         assert!(
-            diff <= 1e-5,
+            diff <= 1e-4,
             "{method} {name}: 2 ranks vs 1 rank differ by {diff}"
         );
         largest_change = largest_change.max(t.abs().max().double_value(&[]));

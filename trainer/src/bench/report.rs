@@ -36,9 +36,12 @@ fn machine(bench: &Bench) -> serde_json::Value {
     })
 }
 
-/// Speed of ours over a baseline: mean step time ratio, as pairs/s ratio.
+/// Speed of ours over a baseline: pairs per median step time, ours over theirs. Medians, so
+/// that one slow step (a late warm-up, a noisy neighbour) on either side does not decide it.
 fn ratio(ours: &CaseResult, baseline: &BaselineResult) -> f64 {
-    ours.pairs_per_s / baseline.pairs_per_s
+    let ours_rate = ours.micro_batch as f64 / ours.median_ms;
+    let baseline_rate = baseline.pairs_per_step / baseline.median_ms;
+    ours_rate / baseline_rate
 }
 
 pub fn write(
@@ -95,7 +98,10 @@ pub fn write(
     let find = |name: &str| results.iter().find(|r| r.name == name);
     let mut ratios = serde_json::Map::new();
     if !baselines.is_empty() {
-        writeln!(text, "\nalternatives (same model, pairs, rank and batch):")?;
+        writeln!(
+            text,
+            "\nalternatives (same model, pairs, rank and batch); speed: pairs per median step"
+        )?;
         for b in baselines {
             let ours = find(&b.compares_with);
             let speedup = ours.map(|ours| ratio(ours, b));
