@@ -233,16 +233,18 @@ fn pool(pairs: &[TokenizedPair], pool: PairPool) -> Vec<usize> {
     }
 }
 
-/// `steps` batches of `batch` pairs from `ids`: length-bucketed as training draws them, or
-/// plainly shuffled (so a batch pads to its longest pair, whatever the others' lengths).
+/// `steps` batches of `batch` pairs from `ids`: length-bucketed as training draws them (by
+/// `row_length`, the length of the row a pair becomes), or plainly shuffled (so a batch pads
+/// to its longest pair, whatever the others' lengths).
 fn step_batches(
     pairs: &[TokenizedPair],
     ids: &[usize],
     batch: usize,
     steps: usize,
     bucketing: bool,
+    row_length: fn(&TokenizedPair) -> usize,
 ) -> Vec<Vec<usize>> {
-    let entries: Vec<(usize, usize)> = ids.iter().map(|&i| (i, pairs[i].seq_len())).collect();
+    let entries: Vec<(usize, usize)> = ids.iter().map(|&i| (i, row_length(&pairs[i]))).collect();
     let mut batches = Vec::new();
     let mut epoch = 0u64;
     while batches.len() < steps {
@@ -472,6 +474,10 @@ impl Bench {
             micro_batch,
             self.options.warmup + self.options.steps,
             variant.length_bucketing,
+            match variant.shared_prompt {
+                true => TokenizedPair::shared_row_len,
+                false => TokenizedPair::seq_len,
+            },
         )
     }
 

@@ -77,10 +77,21 @@ impl SplitData {
             .collect()
     }
 
-    /// `(id, length)` of the given pairs, the input of [`epoch_batches`].
+    /// `(id, length)` of the given pairs, the input of [`epoch_batches`]: the length of the
+    /// longer prompt + response row.
     pub fn pool(&self, ids: &[usize]) -> Vec<(usize, usize)> {
+        self.pool_by(ids, TokenizedPair::seq_len)
+    }
+
+    /// `(id, length)` with the length a batch pads to measured by `length` (say
+    /// [`TokenizedPair::shared_row_len`] when both responses share a row).
+    pub fn pool_by(
+        &self,
+        ids: &[usize],
+        length: fn(&TokenizedPair) -> usize,
+    ) -> Vec<(usize, usize)> {
         ids.iter()
-            .map(|&id| (id, self.pairs[id].seq_len()))
+            .map(|&id| (id, length(&self.pairs[id])))
             .collect()
     }
 

@@ -311,6 +311,12 @@ impl TokenizedPair {
         self.prompt_ids.len() + self.response_a_ids.len().max(self.response_b_ids.len())
     }
 
+    /// Tokens of the pair as one row, the prompt once and both responses after it (the
+    /// shared-prompt layout of training).
+    pub fn shared_row_len(&self) -> usize {
+        self.prompt_ids.len() + self.response_a_ids.len() + self.response_b_ids.len()
+    }
+
     pub fn is_conflict(&self) -> bool {
         self.kind == PairKind::Conflict
     }

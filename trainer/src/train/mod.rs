@@ -36,7 +36,7 @@ use modpo_launcher::{Collective, Op, Single, Topology};
 
 use crate::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
 use crate::config::RunConfig;
-use crate::data::{self, collate, epoch_batches, BatchPlan, PreferenceData};
+use crate::data::{self, collate, epoch_batches, BatchPlan, PreferenceData, TokenizedPair};
 use crate::eval;
 use crate::logps::{BatchTensors, RowLayout};
 use crate::method::{stages, Stage};
@@ -385,9 +385,10 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     let mut context = StepContext::new(&run.loaded.model, stage.step, config.method.beta, k);
     context.batch_passes = config.method.batch_passes;
     context.recompute_activations = t.recompute_activations;
-    let row_layout = match t.share_prompt {
-        true => RowLayout::SharedPrompt,
-        false => RowLayout::ResponsePerRow,
+    // Batches group pairs by the length of the rows they become, so they pad little.
+    let (row_layout, row_length): (_, fn(&TokenizedPair) -> usize) = match t.share_prompt {
+        true => (RowLayout::SharedPrompt, TokenizedPair::shared_row_len),
+        false => (RowLayout::ResponsePerRow, TokenizedPair::seq_len),
     };
     let progress = indicatif::ProgressBar::new(total_steps as u64).with_style(
         indicatif::ProgressStyle::with_template(
@@ -413,7 +414,7 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     'epochs: for epoch in start_epoch..t.epochs {
         let stage_seed = config.data.seed.wrapping_add(stage.number as u64);
         let batches = epoch_batches(
-            &run.data.train.pool(&pool),
+            &run.data.train.pool_by(&pool, row_length),
             config.data.global_batch,
             stage_seed,
             epoch as u64,
