@@ -97,11 +97,15 @@ impl RmsNorm {
         }
     }
 
+    /// libtorch's fused `rms_norm` (one kernel each way instead of five element-wise passes);
+    /// below f32 the weight is applied after the cast back, as HF does.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let x32 = x.to_kind(Kind::Float);
-        let variance = x32.square().mean_dim(-1, true, Kind::Float);
-        let normed = (x32 * (variance + self.eps).rsqrt()).to_kind(x.kind());
-        normed * &self.weight
+        let dim = [self.weight.size()[0]];
+        if x.kind() == Kind::Float {
+            return x.rms_norm(dim, Some(&self.weight), self.eps);
+        }
+        let normed = x.to_kind(Kind::Float).rms_norm(dim, None::<&Tensor>, self.eps);
+        normed.to_kind(x.kind()) * &self.weight
     }
 }
 
