@@ -152,25 +152,26 @@ impl Adapter {
     }
 
     /// `base + forward(x)`, with the up-projection GEMM of the shared-only and stacked forms
-    /// accumulating straight into `base` (one `addmm`, the scale folded into the small
-    /// [b, t, r] side): no separate pass over the [b, t, out] update to scale and add it.
-    /// base: [b, t, out] (the frozen projection of x).
+    /// accumulating into `base` in place (`addmm_`, the scale folded into the small [b, t, r]
+    /// side): no pass over the [b, t, out] update to scale it, add it or copy `base`.
+    /// base: [b t, out], the frozen projection of x [b, t, in], fresh (not a view) and not
+    /// needed by its own backward; returns [b t, out].
     pub fn add_to(&self, base: Tensor, x: &Tensor, conditioning: Conditioning) -> Tensor {
         let kind = x.kind();
         let scale = self.spec.scale();
         match (conditioning, &self.shared) {
             (Conditioning::SharedOnly, Some(shared)) => {
                 let h = x.matmul(&shared.a.to_kind(kind).tr()) * scale; // [b, t, r]
-                add_low_rank(&base, &h, &shared.b.to_kind(kind))
+                add_low_rank(base, &h, &shared.b.to_kind(kind))
             }
             (Conditioning::Weighted(weights), shared) if self.gemms == LoraGemms::Stacked => {
                 let (a_cat, b_cat) = self.stacked(kind);
                 let h = x.matmul(&a_cat.tr()); // [b, t, blocks * r]
                 let row_scale = (self.rank_scales(weights, shared.is_some()) * scale).to_kind(kind); // [b, blocks * r]
-                add_low_rank(&base, &(h * row_scale.unsqueeze(1)), &b_cat)
+                add_low_rank(base, &(h * row_scale.unsqueeze(1)), &b_cat)
             }
             _ => match self.forward(x, conditioning) {
-                Some(update) => base + update,
+                Some(update) => base + update.reshape([-1, update.size()[update.dim() - 1]]),
                 None => base,
             },
         }
@@ -231,21 +232,27 @@ pub struct ConditionedLinear {
 impl ConditionedLinear {
     /// x: [b, t, in] -> [b, t, out]
     pub fn forward(&self, x: &Tensor, conditioning: Conditioning) -> Tensor {
-        let base = x.linear(&self.weight, self.bias.as_ref());
-        match &self.adapter {
-            Some(adapter) => adapter.add_to(base, x, conditioning),
-            None => base,
-        }
+        let Some(adapter) = &self.adapter else {
+            return x.linear(&self.weight, self.bias.as_ref());
+        };
+        // The frozen projection as a fresh [rows, out] matrix, so the adapter's up-projection
+        // can accumulate into it in place.
+        let mut shape = x.size();
+        let in_dim = shape[shape.len() - 1];
+        let base = x
+            .reshape([-1, in_dim])
+            .linear(&self.weight, self.bias.as_ref()); // [rows, out]
+        *shape.last_mut().expect("x has dimensions") = base.size()[1];
+        adapter.add_to(base, x, conditioning).view(shape.as_slice())
     }
 }
 
-/// base [.., out] + h [.., r] B^T (B: [out, r]) as one GEMM accumulating into base.
-fn add_low_rank(base: &Tensor, h: &Tensor, b: &Tensor) -> Tensor {
-    let shape = base.size();
-    let (out, rank) = (shape[shape.len() - 1], h.size()[h.dim() - 1]);
-    base.reshape([-1, out])
-        .addmm(&h.reshape([-1, rank]), &b.tr())
-        .view(shape.as_slice())
+/// base [rows, out] += h [.., r] B^T (B: [out, r]; h's leading dimensions hold `rows`), as one
+/// GEMM accumulating into base in place.
+fn add_low_rank(mut base: Tensor, h: &Tensor, b: &Tensor) -> Tensor {
+    let rank = h.size()[h.dim() - 1];
+    let _ = base.addmm_(&h.reshape([-1, rank]), &b.tr());
+    base
 }
 
 #[cfg(test)]

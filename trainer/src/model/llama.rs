@@ -104,7 +104,9 @@ impl RmsNorm {
         if x.kind() == Kind::Float {
             return x.rms_norm(dim, Some(&self.weight), self.eps);
         }
-        let normed = x.to_kind(Kind::Float).rms_norm(dim, None::<&Tensor>, self.eps);
+        let normed = x
+            .to_kind(Kind::Float)
+            .rms_norm(dim, None::<&Tensor>, self.eps);
         normed.to_kind(x.kind()) * &self.weight
     }
 }
