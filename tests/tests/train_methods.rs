@@ -253,13 +253,7 @@ fn every_step_execution_gives_the_same_gradients() {
             "shared-prompt log-probs differ by {diff}: {x} {y}"
         );
     }
-    let signs: Vec<Vec<i8>> = data
-        .train
-        .select(&ids)
-        .iter()
-        .map(|p| p.preferences.iter().map(|x| x.sign()).collect())
-        .collect();
-    let norms = Normalisers::of(&signs.iter().map(Vec::as_slice).collect::<Vec<_>>(), 2, 1);
+    let norms = Normalisers::of(&data.train.select(&ids), 2, 1);
     let default = Execution {
         batched: true,
         recompute: false,

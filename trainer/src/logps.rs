@@ -8,7 +8,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::data::MicroBatch;
+use crate::data::{MicroBatch, TokenizedPair};
 use crate::model::{CausalLm, Conditioning, TokenLayout};
 
 /// How the rows of a [`BatchTensors`] hold a micro-batch's pairs.
@@ -23,6 +23,25 @@ pub enum RowLayout {
     SharedPrompt,
 }
 
+impl RowLayout {
+    /// The layout training uses for `[train] share_prompt`.
+    pub fn new(share_prompt: bool) -> Self {
+        match share_prompt {
+            true => RowLayout::SharedPrompt,
+            false => RowLayout::ResponsePerRow,
+        }
+    }
+
+    /// The length of the row a pair becomes in this layout: what batches are grouped by, so
+    /// that they pad little.
+    pub fn row_length(self) -> fn(&TokenizedPair) -> usize {
+        match self {
+            RowLayout::ResponsePerRow => TokenizedPair::seq_len,
+            RowLayout::SharedPrompt => TokenizedPair::shared_row_len,
+        }
+    }
+}
+
 /// Token ids used for padding in shared-prompt rows: padding is never attended to nor
 /// scored, so any id in the vocabulary does.
 const SHARED_PROMPT_PAD_ID: i64 = 0;
@@ -32,7 +51,6 @@ const SHARED_PROMPT_PAD_ID: i64 = 0;
 pub struct BatchTensors {
     /// B: pairs.
     pub pairs: i64,
-    pub layout: RowLayout,
     /// [R, T] int64, R = 2B rows (responses a, then b) or B rows (shared prompt)
     pub input_ids: Tensor,
     /// [R, T] int64, 1 on tokens, 0 on right padding
@@ -109,7 +127,6 @@ impl BatchTensors {
         let [predictors, targets, slots] = scored_tensors(&scored, device);
         BatchTensors {
             pairs: b as i64,
-            layout: RowLayout::ResponsePerRow,
             input_ids: to_tensor(&batch.input_ids, &[rows as i64, t as i64], device),
             attention_mask: to_tensor(&batch.attention_mask, &[rows as i64, t as i64], device),
             segments_and_positions: None,
@@ -182,7 +199,6 @@ impl BatchTensors {
         let shape = [b as i64, t as i64];
         BatchTensors {
             pairs: b as i64,
-            layout: RowLayout::SharedPrompt,
             input_ids: to_tensor(&input_ids, &shape, device),
             attention_mask: to_tensor(&attention_mask, &shape, device),
             segments_and_positions: Some((
@@ -202,6 +218,14 @@ impl BatchTensors {
         match layout {
             RowLayout::ResponsePerRow => Self::new(batch, device),
             RowLayout::SharedPrompt => Self::shared_prompt(batch, device),
+        }
+    }
+
+    /// How the rows hold the pairs: shared-prompt rows are the ones with segments.
+    pub fn layout(&self) -> RowLayout {
+        match self.segments_and_positions {
+            Some(_) => RowLayout::SharedPrompt,
+            None => RowLayout::ResponsePerRow,
         }
     }
 
@@ -225,7 +249,7 @@ impl BatchTensors {
     pub fn replicated(&self, copies: i64) -> BatchTensors {
         let b = self.pairs;
         let t = self.seq_len();
-        let replicate = |x: &Tensor| match self.layout {
+        let replicate = |x: &Tensor| match self.layout() {
             RowLayout::ResponsePerRow => {
                 let a = x.narrow(0, 0, b).repeat([copies, 1]);
                 let rejected = x.narrow(0, b, b).repeat([copies, 1]);
@@ -235,7 +259,7 @@ impl BatchTensors {
         };
         // Copy c of a row sits c B rows further down, and with a row per response, the b rows
         // of every copy sit after all the a rows: (copies - 1) B rows further still.
-        let b_rows_after_a = match self.layout {
+        let b_rows_after_a = match self.layout() {
             RowLayout::ResponsePerRow => (copies - 1) * b,
             RowLayout::SharedPrompt => 0,
         };
@@ -251,7 +275,6 @@ impl BatchTensors {
         slots.extend((0..copies).map(|c| &slots_b + (copies - 1 + c) * b));
         BatchTensors {
             pairs: copies * b,
-            layout: self.layout,
             input_ids: replicate(&self.input_ids),
             attention_mask: replicate(&self.attention_mask),
             segments_and_positions: self
@@ -316,7 +339,7 @@ pub fn response_logps(
 /// [B, k]; with a row per response both rows of a pair see it, so it becomes [2B, k].
 pub fn per_row(batch: &BatchTensors, conditioning: Conditioning) -> RowConditioning {
     match conditioning {
-        Conditioning::Weighted(w) => RowConditioning::Weighted(match batch.layout {
+        Conditioning::Weighted(w) => RowConditioning::Weighted(match batch.layout() {
             RowLayout::ResponsePerRow => Tensor::cat(&[w, w], 0),
             RowLayout::SharedPrompt => w.shallow_clone(),
         }),

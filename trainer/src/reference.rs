@@ -62,13 +62,27 @@ pub fn compute(
     pad_token_id: u32,
     device: Device,
 ) -> ReferenceLogps {
+    let all: Vec<usize> = (0..pairs.len()).collect();
+    compute_for(model, pairs, &all, batch_pairs, pad_token_id, device)
+}
+
+/// [`compute`] for the pairs `ids` of `pairs` only (the others' entries stay 0): what a
+/// benchmark that steps through a few batches needs.
+pub fn compute_for(
+    model: &CausalLm,
+    pairs: &[TokenizedPair],
+    ids: &[usize],
+    batch_pairs: usize,
+    pad_token_id: u32,
+    device: Device,
+) -> ReferenceLogps {
     let _no_grad = tch::no_grad_guard();
     let mut result = ReferenceLogps {
         response_a: vec![0.0; pairs.len()],
         response_b: vec![0.0; pairs.len()],
     };
     // Sorting by length keeps padding, and so wasted compute, small.
-    let mut order: Vec<&TokenizedPair> = pairs.iter().collect();
+    let mut order: Vec<&TokenizedPair> = ids.iter().map(|&id| &pairs[id]).collect();
     order.sort_by_key(|p| p.seq_len());
     for chunk in order.chunks(batch_pairs.max(1)) {
         let batch = collate(chunk, pad_token_id);

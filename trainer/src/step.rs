@@ -5,6 +5,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::data::{Preference, TokenizedPair};
 use crate::logps::{
     logps_from_hidden, pair_logps_from_hidden, per_row, sequence_logps, BatchTensors, RowLayout,
 };
@@ -26,13 +27,19 @@ pub struct Normalisers {
 }
 
 impl Normalisers {
-    /// preferences: the [k] preference signs of every pair of the global batch.
-    pub fn of(preferences: &[&[i8]], k: usize, world_size: usize) -> Self {
+    /// global_batch: every pair of the global batch (k preferences each).
+    pub fn of(global_batch: &[&TokenizedPair], k: usize, world_size: usize) -> Self {
         let preferred = (0..k)
-            .map(|i| preferences.iter().filter(|p| p[i] != 0).count().max(1) as f64)
+            .map(|i| {
+                global_batch
+                    .iter()
+                    .filter(|p| p.preferences[i] != Preference::None)
+                    .count()
+                    .max(1) as f64
+            })
             .collect();
         Normalisers {
-            pairs: preferences.len().max(1) as f64,
+            pairs: global_batch.len().max(1) as f64,
             preferred,
             world_size: world_size as f64,
         }
@@ -140,24 +147,25 @@ fn split_pair_logps(
     cond: Conditioning,
 ) -> (Tensor, Tensor) {
     assert_eq!(
-        batch.layout,
+        batch.layout(),
         RowLayout::ResponsePerRow,
         "responses in separate forwards need a row per response"
     );
     let (b, n_a) = (batch.pairs, batch.a_predictors);
     let n_b = batch.predictors.size()[0] - n_a;
-    let half_positions = b * batch.seq_len(); // flat positions in B rows
-    let half = |start: i64, n_start: i64, n: i64| {
-        let ids = batch.input_ids.narrow(0, start, b); // [B, T]
-        let hidden = model.hidden_states(&ids, &batch.attention_mask.narrow(0, start, b), cond);
-        let take = |x: &Tensor| x.narrow(0, n_start, n);
-        // The b half's rows start B rows in: shift its positions and slots back.
+    // Rows [first_row, first_row + B) and their scored tokens [first, first + n).
+    let half = |first_row: i64, first: i64, n: i64| {
+        let ids = batch.input_ids.narrow(0, first_row, b); // [B, T]
+        let mask = batch.attention_mask.narrow(0, first_row, b);
+        let hidden = model.hidden_states(&ids, &mask, cond);
+        let take = |x: &Tensor| x.narrow(0, first, n);
+        // Positions and slots count from this half's first row.
         logps_from_hidden(
             model,
             &hidden,
-            &(take(&batch.predictors) - start / b * half_positions),
+            &(take(&batch.predictors) - first_row * batch.seq_len()),
             &take(&batch.targets),
-            &(take(&batch.slots) - start),
+            &(take(&batch.slots) - first_row),
             b,
         )
     };

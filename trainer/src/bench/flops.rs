@@ -21,27 +21,8 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::model::llama::layer_projections;
 use crate::model::{AdapterSpec, ModelConfig};
-
-/// Weights per token of one layer's seven projections: `[(in, out)]`.
-fn projections(config: &ModelConfig) -> [(i64, i64); 7] {
-    let c = config;
-    let (h, q, kv, ffn) = (
-        c.hidden_size,
-        c.num_heads * c.head_dim,
-        c.num_kv_heads * c.head_dim,
-        c.intermediate_size,
-    );
-    [
-        (h, q),
-        (h, kv),
-        (h, kv),
-        (q, h),
-        (h, ffn),
-        (h, ffn),
-        (ffn, h),
-    ]
-}
 
 /// What one pass of a step runs through: how many adapter blocks are active.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,15 +42,19 @@ pub fn row_pass_flops(
     response_tokens: i64,
 ) -> f64 {
     let layers = config.num_layers as f64;
-    let shapes = projections(config);
-    let n_base: f64 = shapes.iter().map(|&(i, o)| (i * o) as f64).sum::<f64>() * layers;
+    let shapes = layer_projections(config);
+    let n_base: f64 = shapes
+        .iter()
+        .map(|&(_, out, inp, _)| (inp * out) as f64)
+        .sum::<f64>()
+        * layers;
     let rank = match adapters {
         PassAdapters::SharedOnly => spec.rank,
         PassAdapters::AllBlocks => spec.rank * spec.num_blocks(),
     } as f64;
     let n_lora: f64 = shapes
         .iter()
-        .map(|&(i, o)| rank * (i + o) as f64)
+        .map(|&(_, out, inp, _)| rank * (inp + out) as f64)
         .sum::<f64>()
         * layers;
     let q_dim = (config.num_heads * config.head_dim) as f64;

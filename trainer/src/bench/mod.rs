@@ -36,7 +36,7 @@ use crate::method::{stages, MethodConfig, MethodName, PairPool, Stage};
 use crate::model::tiny::{write_tiny_model, TinyModelSpec};
 use crate::model::{self, AdapterSpec, CausalLm, Conditioning, LoraGemms, ModelConfig};
 use crate::optim::AdamW;
-use crate::reference::ReferenceLogps;
+use crate::reference;
 use crate::step::{self, MicroInputs, Normalisers, StepContext, StepStats};
 use crate::tokenizer::ChatTokenizer;
 use crate::train::{draw_weights, set_trainable};
@@ -474,35 +474,8 @@ impl Bench {
             micro_batch,
             self.options.warmup + self.options.steps,
             variant.length_bucketing,
-            match variant.shared_prompt {
-                true => TokenizedPair::shared_row_len,
-                false => TokenizedPair::seq_len,
-            },
+            RowLayout::new(variant.shared_prompt).row_length(),
         )
-    }
-
-    /// The reference log-probs of the pairs in `batches` (training caches them for every
-    /// pair once per run; the benchmark needs only these).
-    fn reference_of(&self, model: &CausalLm, batches: &[Vec<usize>]) -> ReferenceLogps {
-        let n = self.pairs.len();
-        let mut cache = ReferenceLogps {
-            response_a: vec![0.0; n],
-            response_b: vec![0.0; n],
-        };
-        let _no_grad = tch::no_grad_guard();
-        for batch in batches {
-            let selected: Vec<&TokenizedPair> = batch.iter().map(|&i| &self.pairs[i]).collect();
-            let micro = collate(&selected, self.pad_token_id);
-            let tensors = BatchTensors::new(&micro, self.options.device);
-            let (a, b) = sequence_logps(model, &tensors, Conditioning::Reference);
-            let a = Vec::<f32>::try_from(a.to_device(Device::Cpu)).expect("f32 log-probs");
-            let b = Vec::<f32>::try_from(b.to_device(Device::Cpu)).expect("f32 log-probs");
-            for (j, &id) in batch.iter().enumerate() {
-                cache.response_a[id] = a[j];
-                cache.response_b[id] = b[j];
-            }
-        }
-        cache
     }
 
     /// Times one case; `micro_batch` pairs per step.
@@ -527,7 +500,20 @@ impl Bench {
             );
         }
         let reference = match v.reference_cache {
-            true => Some(self.reference_of(&model, &batches)),
+            // Training caches them for every pair once per run; the benchmark needs only these.
+            true => {
+                let mut ids: Vec<usize> = batches.iter().flatten().copied().collect();
+                ids.sort_unstable();
+                ids.dedup();
+                Some(reference::compute_for(
+                    &model,
+                    &self.pairs,
+                    &ids,
+                    micro_batch,
+                    self.pad_token_id,
+                    device,
+                ))
+            }
             false => None,
         };
         // Base weights that require gradients: what an unfrozen base costs in the backward.
@@ -547,23 +533,16 @@ impl Bench {
             _ => PassAdapters::AllBlocks,
         };
 
+        let layout = RowLayout::new(v.shared_prompt);
         self.sync();
         memory::reset_peak_rss();
         let (mut times, mut tokens, mut flops) = (Vec::new(), 0i64, 0f64);
         for (step_index, global) in batches.iter().enumerate() {
             let started = Instant::now();
             let selected: Vec<&TokenizedPair> = global.iter().map(|&i| &self.pairs[i]).collect();
-            let signs: Vec<Vec<i8>> = selected
-                .iter()
-                .map(|p| p.preferences.iter().map(|x| x.sign()).collect())
-                .collect();
-            let norms = Normalisers::of(&signs.iter().map(Vec::as_slice).collect::<Vec<_>>(), k, 1);
+            let norms = Normalisers::of(&selected, k, 1);
             let mut stats = StepStats::new(k, device);
             let batch = collate(&selected, self.pad_token_id);
-            let layout = match v.shared_prompt {
-                true => RowLayout::SharedPrompt,
-                false => RowLayout::ResponsePerRow,
-            };
             let tensors = BatchTensors::with_layout(&batch, layout, device);
             let (reference_a, reference_b) = match &reference {
                 Some(cached) => cached.gather(&batch.pair_ids, device),

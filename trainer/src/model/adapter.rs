@@ -108,19 +108,23 @@ impl Adapter {
         }
     }
 
-    /// The adapter's contribution s * sum_j c_j B_j A_j x for x: [b, t, in] -> [b, t, out], or
-    /// None when adapters are off.
-    pub fn forward(&self, x: &Tensor, conditioning: Conditioning) -> Option<Tensor> {
+    /// `base + s * sum_j c_j B_j A_j x` (`base` alone when adapters are off). The shared-only
+    /// and stacked forms accumulate their up-projection GEMM into `base` in place (`addmm_`,
+    /// the scale folded into the small [b, t, r] side): no pass over the [b, t, out] update to
+    /// scale it, add it or copy `base`.
+    /// x: [b, t, in]; base: [b t, out], the frozen projection of x, fresh (not a view) and not
+    /// needed by its own backward; returns [b t, out].
+    pub fn add_to(&self, base: Tensor, x: &Tensor, conditioning: Conditioning) -> Tensor {
         let kind = x.kind();
         let scale = self.spec.scale();
         match (conditioning, &self.shared) {
-            (Conditioning::Reference, _) => None,
+            (Conditioning::Reference, _) => base,
             (Conditioning::SharedOnly, None) => {
                 panic!("SharedOnly conditioning on an adapter without a shared block")
             }
             (Conditioning::SharedOnly, Some(shared)) => {
-                let h = x.matmul(&shared.a.to_kind(kind).tr()); // [b, t, r]
-                Some(h.matmul(&shared.b.to_kind(kind).tr()) * scale)
+                let h = x.matmul(&shared.a.to_kind(kind).tr()) * scale; // [b, t, r]
+                add_low_rank(base, &h, &shared.b.to_kind(kind))
             }
             (Conditioning::Weighted(weights), shared) if self.gemms == LoraGemms::PerBlock => {
                 let r = self.spec.rank;
@@ -139,41 +143,20 @@ impl Adapter {
                         None => block,
                     });
                 }
-                sum.map(|s| s * scale)
+                match sum {
+                    Some(s) => {
+                        let out = base.size()[1];
+                        base + (s * scale).reshape([-1, out])
+                    }
+                    None => base,
+                }
             }
             (Conditioning::Weighted(weights), shared) => {
-                let (a_cat, b_cat) = self.stacked(kind);
-                let h = x.matmul(&a_cat.tr()); // [b, t, blocks * r]
-                let row_scale = self.rank_scales(weights, shared.is_some()).to_kind(kind); // [b, blocks * r]
-                let h = h * row_scale.unsqueeze(1);
-                Some(h.matmul(&b_cat.tr()) * scale) // [b, t, out]
-            }
-        }
-    }
-
-    /// `base + forward(x)`, with the up-projection GEMM of the shared-only and stacked forms
-    /// accumulating into `base` in place (`addmm_`, the scale folded into the small [b, t, r]
-    /// side): no pass over the [b, t, out] update to scale it, add it or copy `base`.
-    /// base: [b t, out], the frozen projection of x [b, t, in], fresh (not a view) and not
-    /// needed by its own backward; returns [b t, out].
-    pub fn add_to(&self, base: Tensor, x: &Tensor, conditioning: Conditioning) -> Tensor {
-        let kind = x.kind();
-        let scale = self.spec.scale();
-        match (conditioning, &self.shared) {
-            (Conditioning::SharedOnly, Some(shared)) => {
-                let h = x.matmul(&shared.a.to_kind(kind).tr()) * scale; // [b, t, r]
-                add_low_rank(base, &h, &shared.b.to_kind(kind))
-            }
-            (Conditioning::Weighted(weights), shared) if self.gemms == LoraGemms::Stacked => {
                 let (a_cat, b_cat) = self.stacked(kind);
                 let h = x.matmul(&a_cat.tr()); // [b, t, blocks * r]
                 let row_scale = (self.rank_scales(weights, shared.is_some()) * scale).to_kind(kind); // [b, blocks * r]
                 add_low_rank(base, &(h * row_scale.unsqueeze(1)), &b_cat)
             }
-            _ => match self.forward(x, conditioning) {
-                Some(update) => base + update.reshape([-1, update.size()[update.dim() - 1]]),
-                None => base,
-            },
         }
     }
 

@@ -9,8 +9,8 @@ use tch::{nn, Device, Kind, Tensor};
 use super::adapter::{Adapter, AdapterSpec, ConditionedLinear, Conditioning, LoraGemms};
 use super::hf_config::{ModelConfig, RopeScaling};
 
-/// Every parameter of the decoder with its shape, in checkpoint key order.
-pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<i64>)> {
+/// The seven projections of a decoder layer: `(key, out, in, bias)`, in checkpoint order.
+pub fn layer_projections(config: &ModelConfig) -> [(&'static str, i64, i64, bool); 7] {
     let c = config;
     let (h, q, kv, ffn) = (
         c.hidden_size,
@@ -18,6 +18,21 @@ pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<i64>)> {
         c.num_kv_heads * c.head_dim,
         c.intermediate_size,
     );
+    [
+        ("self_attn.q_proj", q, h, c.attention_bias),
+        ("self_attn.k_proj", kv, h, c.attention_bias),
+        ("self_attn.v_proj", kv, h, c.attention_bias),
+        ("self_attn.o_proj", h, q, c.attention_bias),
+        ("mlp.gate_proj", ffn, h, c.mlp_bias),
+        ("mlp.up_proj", ffn, h, c.mlp_bias),
+        ("mlp.down_proj", h, ffn, c.mlp_bias),
+    ]
+}
+
+/// Every parameter of the decoder with its shape, in checkpoint key order.
+pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<i64>)> {
+    let c = config;
+    let h = c.hidden_size;
     let mut shapes = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![c.vocab_size, h],
@@ -26,15 +41,7 @@ pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<i64>)> {
         let p = format!("model.layers.{i}");
         let mut push = |name: &str, shape: Vec<i64>| shapes.push((format!("{p}.{name}"), shape));
         push("input_layernorm.weight", vec![h]);
-        for (name, out, inp, bias) in [
-            ("self_attn.q_proj", q, h, c.attention_bias),
-            ("self_attn.k_proj", kv, h, c.attention_bias),
-            ("self_attn.v_proj", kv, h, c.attention_bias),
-            ("self_attn.o_proj", h, q, c.attention_bias),
-            ("mlp.gate_proj", ffn, h, c.mlp_bias),
-            ("mlp.up_proj", ffn, h, c.mlp_bias),
-            ("mlp.down_proj", h, ffn, c.mlp_bias),
-        ] {
+        for (name, out, inp, bias) in layer_projections(c) {
             push(&format!("{name}.weight"), vec![out, inp]);
             if bias {
                 push(&format!("{name}.bias"), vec![out]);

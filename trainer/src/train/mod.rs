@@ -36,7 +36,7 @@ use modpo_launcher::{Collective, Op, Single, Topology};
 
 use crate::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
 use crate::config::RunConfig;
-use crate::data::{self, collate, epoch_batches, BatchPlan, PreferenceData, TokenizedPair};
+use crate::data::{self, collate, epoch_batches, BatchPlan, PreferenceData};
 use crate::eval;
 use crate::logps::{BatchTensors, RowLayout};
 use crate::method::{stages, Stage};
@@ -385,11 +385,7 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     let mut context = StepContext::new(&run.loaded.model, stage.step, config.method.beta, k);
     context.batch_passes = config.method.batch_passes;
     context.recompute_activations = t.recompute_activations;
-    // Batches group pairs by the length of the rows they become, so they pad little.
-    let (row_layout, row_length): (_, fn(&TokenizedPair) -> usize) = match t.share_prompt {
-        true => (RowLayout::SharedPrompt, TokenizedPair::shared_row_len),
-        false => (RowLayout::ResponsePerRow, TokenizedPair::seq_len),
-    };
+    let row_layout = RowLayout::new(t.share_prompt);
     let progress = indicatif::ProgressBar::new(total_steps as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "stage {msg} [{bar:30}] {pos}/{len} steps, {elapsed} < {eta}",
@@ -414,7 +410,7 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
     'epochs: for epoch in start_epoch..t.epochs {
         let stage_seed = config.data.seed.wrapping_add(stage.number as u64);
         let batches = epoch_batches(
-            &run.data.train.pool_by(&pool, row_length),
+            &run.data.train.pool_by(&pool, row_layout.row_length()),
             config.data.global_batch,
             stage_seed,
             epoch as u64,
@@ -426,18 +422,7 @@ fn run_stage(run: &mut Run, stage: &Stage, position: Option<StagePosition>) -> R
             }
             let started = Instant::now();
             let pairs = run.data.train.select(global);
-            let preference_signs: Vec<Vec<i8>> = pairs
-                .iter()
-                .map(|p| p.preferences.iter().map(|x| x.sign()).collect())
-                .collect();
-            let norms = Normalisers::of(
-                &preference_signs
-                    .iter()
-                    .map(Vec::as_slice)
-                    .collect::<Vec<_>>(),
-                k,
-                world_size,
-            );
+            let norms = Normalisers::of(&pairs, k, world_size);
             let drawn = stage.step.draws_weights().then(|| {
                 draw_weights(
                     t.seed,
