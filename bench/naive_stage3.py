@@ -19,15 +19,11 @@ pairs_per_step, policy_tokens_per_step (non-pad a+b tokens times the k+1 policy 
 peak_rss_bytes, versions.
 """
 
-import argparse
 import json
-import os
-import resource
-import sys
 import time
 
-# Everything loads from local directories; never wait on the Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# First: it sets the offline switch before anything from Hugging Face is imported.
+from baseline_common import lora_config, parser, peak_rss_bytes, read_jsonl
 
 import peft  # noqa: E402
 import torch  # noqa: E402
@@ -35,29 +31,15 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
 PAD_ID = 258
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face Llama directory")
+    p = parser(__doc__)
     p.add_argument("--steps-file", required=True, help="JSONL, one optimizer step a line")
-    p.add_argument("--warmup", type=int, required=True, help="untimed steps first")
-    p.add_argument("--steps", type=int, required=True, help="timed steps after warmup")
-    p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--alpha", type=float, required=True)
-    p.add_argument("--beta", type=float, required=True)
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--name", required=True)
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0:
         p.error("need --steps >= 1 and --warmup >= 0")
     return args
-
-
-def fail(message):
-    sys.exit(f"naive_stage3.py: {message}")
 
 
 def is_int(x):
@@ -98,25 +80,17 @@ def check_step(row, k):
 
 
 def read_steps(path):
-    """The steps of `path`, each checked, so a bad line names itself rather than failing mid-run."""
-    steps, k = [], None
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{lineno}: not JSON: {e}")
-            if k is None and isinstance(row, dict) and isinstance(row.get("pairs"), list) and row["pairs"]:
-                first = row["pairs"][0]
-                k = len(first.get("preferences") or []) if isinstance(first, dict) else 0
-            problem = check_step(row, k)
-            if problem:
-                fail(f"{path}:{lineno}: {problem}")
-            steps.append(row)
-    if not steps:
-        fail(f"{path}: no steps")
+    """The steps of `path`, each checked; k (the dimension count) is the first pair's."""
+    k = None
+
+    def check(row):
+        nonlocal k
+        if k is None and isinstance(row, dict) and isinstance(row.get("pairs"), list) and row["pairs"]:
+            first = row["pairs"][0]
+            k = len(first.get("preferences") or []) if isinstance(first, dict) else 0
+        return check_step(row, k)
+
+    steps = read_jsonl(path, check, "steps")
     return steps, k
 
 
@@ -214,13 +188,7 @@ def main():
     steps, k = read_steps(args.steps_file)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    lora = peft.LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=0.0,
-        target_modules=TARGET_MODULES,
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(args)
     model = peft.get_peft_model(model, lora, adapter_name="shared")
     for i in range(k):
         model.add_adapter(f"dim_{i}", lora)
@@ -245,7 +213,7 @@ def main():
         "ms_per_step": step_ms[args.warmup :],
         "pairs_per_step": sum(timed_pairs) / len(timed_pairs),
         "policy_tokens_per_step": sum(timed_tokens) / len(timed_tokens),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

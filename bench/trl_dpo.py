@@ -19,16 +19,15 @@ peak_rss_bytes, setup_seconds (model load, tokenisation, reference precompute), 
 The Trainer prints its own summary dict to stdout before it; diagnostics go to stderr.
 """
 
-import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
 
-# Everything loads from local directories; never wait on the Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# First: it sets the offline switches before anything from Hugging Face is imported.
+from baseline_common import fail, lora_config, parser, peak_rss_bytes, read_jsonl
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -38,56 +37,29 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face Llama directory")
+    p = parser(__doc__)
     p.add_argument("--pairs", required=True, help="JSONL of {prompt, chosen, rejected, tokens}")
     p.add_argument("--batch", type=int, required=True, help="pairs per optimizer step")
-    p.add_argument("--warmup", type=int, required=True, help="untimed steps first")
-    p.add_argument("--steps", type=int, required=True, help="timed steps after warmup")
-    p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--alpha", type=float, required=True)
-    p.add_argument("--beta", type=float, required=True)
-    p.add_argument("--lr", type=float, required=True)
     p.add_argument("--max-length", type=int, required=True)
     p.add_argument("--precompute-ref", action="store_true")
-    p.add_argument("--name", required=True)
     args = p.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         p.error("need --steps >= 1, --warmup >= 0, --batch >= 1")
     return args
 
 
-def fail(message):
-    sys.exit(f"trl_dpo.py: {message}")
-
-
-def read_pairs(path):
-    """The pairs of `path`, each checked, so a bad line names itself rather than failing in TRL."""
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{lineno}: not JSON: {e}")
-            if not isinstance(row, dict):
-                fail(f"{path}:{lineno}: expected a JSON object")
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(row.get(key), str):
-                    fail(f"{path}:{lineno}: {key!r} must be a string")
-            if not isinstance(row.get("tokens"), int) or isinstance(row["tokens"], bool):
-                fail(f"{path}:{lineno}: 'tokens' must be an integer")
-            pairs.append(row)
-    if not pairs:
-        fail(f"{path}: no pairs")
-    return pairs
+def check_pair(row):
+    """What is wrong with one parsed line of `--pairs` (None if nothing)."""
+    if not isinstance(row, dict):
+        return "expected a JSON object"
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+            return f"{key!r} must be a string"
+    if not isinstance(row.get("tokens"), int) or isinstance(row["tokens"], bool):
+        return "'tokens' must be an integer"
+    return None
 
 
 class CountingCollator:
@@ -154,7 +126,7 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pairs = read_pairs(args.pairs)
+    pairs = read_jsonl(args.pairs, check_pair, "pairs")
 
     setup_start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -162,13 +134,7 @@ def main():
     train_dataset = datasets.Dataset.from_list(
         [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
     )
-    lora = peft.LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=0.0,
-        target_modules=TARGET_MODULES,
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(args)
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="trl_dpo_") as output_dir:
         config = trl.DPOConfig(
@@ -223,7 +189,7 @@ def main():
         "ms_per_step": step_ms[args.warmup :],
         "pairs_per_step": sum(timed_pairs) / len(timed_pairs),
         "policy_tokens_per_step": sum(timed_tokens) / len(timed_tokens),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "setup_seconds": setup_seconds,
         "versions": {
             "torch": torch.__version__,
