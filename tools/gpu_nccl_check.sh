@@ -15,35 +15,24 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=tools/gpu_lib.sh
+source "$ROOT/tools/gpu_lib.sh"
 BIN_NAME=modpo-collective-check
 
 bundle() {
     local dir=${1:-$ROOT/target/gpu-nccl-check}
-    (cd "$ROOT" && cargo build --release -p modpo-launcher --bin "$BIN_NAME")
-    rm -rf "$dir" && mkdir -p "$dir/lib"
-    cp "$ROOT/target/release/$BIN_NAME" "$dir/"
-    strip --strip-debug "$dir/$BIN_NAME"
-    # Open MPI and what it pulls in; glibc, libstdc++ and torch's libraries are the machine's.
-    ldd "$dir/$BIN_NAME" | awk '$3 ~ /^\// { print $3 }' |
-        grep -Ev '/(libc|libm|libdl|librt|libpthread|libutil|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' |
-        grep -v 'site-packages' |
-        while read -r lib; do cp -L "$lib" "$dir/lib/"; done
+    bundle_binary modpo-launcher "$BIN_NAME" "$dir"
     echo "bundle in $dir ($(du -sh "$dir" | cut -f1)):"
     ls "$dir" "$dir/lib"
 }
-
-fail_env() { echo "FAIL (environment): $*"; exit 2; }
 
 run() {
     local dir=${1:-$ROOT/target/gpu-nccl-check}
     local bin=$dir/$BIN_NAME
     [ -x "$bin" ] || fail_env "no $bin: run 'tools/gpu_nccl_check.sh bundle' where Rust is"
 
-    local torch_lib=${TORCH_LIB:-}
-    if [ -z "$torch_lib" ]; then
-        torch_lib=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/torch/lib 2>/dev/null | head -n1 || true)
-    fi
-    [ -d "$torch_lib" ] || fail_env "torch lib/ not found (set TORCH_LIB)"
+    find_torch_lib
+    local torch_lib=$TORCH_LIB_DIR
     # cudarc opens libnccl.so; the PyPI NCCL that torch uses is only libnccl.so.2.
     local nccl
     nccl=$(ls "$torch_lib"/../../nvidia/nccl/lib/libnccl.so.2 2>/dev/null | head -n1 || true)
@@ -52,24 +41,12 @@ run() {
 
     local work
     work=$(mktemp -d)
-    trap 'rm -rf "$work"' EXIT
+    # Expanded now: the trap runs after run() has returned and its locals are gone.
+    trap "rm -rf '$work'" EXIT
     mkdir -p "$work/nccl" "$work/lib"
     ln -s "$(readlink -f "$nccl")" "$work/nccl/libnccl.so"
     export LD_LIBRARY_PATH="$torch_lib:$work/nccl:$work/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    # Lend a bundled library only where the machine has none (a few rounds: deps of deps).
-    for _ in 1 2 3 4; do
-        local missing
-        missing=$(ldd "$bin" | awk '/not found/ { print $1 }')
-        [ -n "$missing" ] || break
-        for lib in $missing; do
-            [ -e "$dir/lib/$lib" ] || fail_env "$lib is missing and not in the bundle"
-            ln -sf "$dir/lib/$lib" "$work/lib/$lib"
-        done
-    done
-    if ldd "$bin" | grep -q 'not found'; then
-        ldd "$bin" | grep 'not found'
-        fail_env "libraries still missing"
-    fi
+    lend_bundled_libs "$bin" "$dir" "$work/lib"
 
     echo "== machine"
     nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
