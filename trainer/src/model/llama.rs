@@ -289,11 +289,14 @@ impl Attention {
         }
         let t_all = k.size()[2];
         // Grouped-query attention: each key/value head serves `group` consecutive query heads
-        // (HF `repeat_kv`). Expanded here rather than with `enable_gqa`, which only the math
-        // and flash kernels take, and flash takes no padding mask.
+        // (HF `repeat_kv`). On CPU the flash kernel takes the grouping (`enable_gqa`) and a
+        // mask, so keys and values are never copied per query head. On CUDA the kernels that
+        // take a padding mask do not take the grouping (only math, which builds [b, nh, t, t]
+        // scores), so there they are expanded.
         let group = self.num_heads / self.num_kv_heads;
+        let native_gqa = x.device() == Device::Cpu;
         let expand = |x: Tensor| -> Tensor {
-            if group == 1 {
+            if group == 1 || native_gqa {
                 return x;
             }
             x.unsqueeze(2)
@@ -308,7 +311,7 @@ impl Attention {
             0.0,
             false,
             None,
-            false,
+            native_gqa && group > 1,
         ); // [b, nh, t, d]
         let merged = attn
             .transpose(1, 2)
