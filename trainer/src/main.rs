@@ -202,6 +202,10 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// Head-to-head rounds against each baseline (cpu preset): ours is timed again right
+        /// before each run of the baseline, and the speed ratio is the median of the rounds'.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
         /// Intra-op threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -395,6 +399,7 @@ fn main() -> ExitCode {
             scripts,
             warmup,
             steps,
+            rounds,
             threads,
             micro_batch,
             max_pairs,
@@ -419,6 +424,7 @@ fn main() -> ExitCode {
                 python: python.map(|p| (p, scripts)),
                 warmup,
                 steps,
+                rounds: rounds as usize,
                 threads,
                 max_pairs,
                 micro_batch,

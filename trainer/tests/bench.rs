@@ -39,6 +39,8 @@ fn tiny_bench_writes_every_case_and_ratio() {
         "2",
         "--threads",
         "2",
+        "--rounds",
+        "2",
     ]);
     command.args(["--only", "stage 1"]);
     command.arg("--out").arg(&out);
@@ -108,6 +110,37 @@ fn tiny_bench_writes_every_case_and_ratio() {
         // Stage 3 was filtered out by --only, so only the two TRL ratios have a partner.
         assert_eq!(ratios.len(), 2, "{ratios:?}");
         assert!(ratios.values().all(|r| r.as_f64().unwrap() > 0.0));
+        // Two head-to-head rounds each: ours re-timed before every TRL run; the stage-3 loop
+        // ran twice too but has no partner, so no rounds and no ratio.
+        for baseline in results["baselines"].as_array().unwrap() {
+            let rounds = baseline["rounds"].as_array().unwrap();
+            let runs = baseline["ms_per_step"].as_array().unwrap().len();
+            assert_eq!(runs, 4, "two rounds of two timed steps: {baseline}");
+            if baseline["compares_with"] == "curriculum stage 1" {
+                assert_eq!(rounds.len(), 2, "{baseline}");
+                let ratios: Vec<f64> = rounds
+                    .iter()
+                    .map(|r| r["speed_ratio"].as_f64().unwrap())
+                    .collect();
+                let reported = baseline["speed_ratio"].as_f64().unwrap();
+                // The median of two is their mean.
+                assert!((reported - (ratios[0] + ratios[1]) / 2.0).abs() < 1e-9);
+                let key = format!(
+                    "curriculum stage 1 / {}",
+                    baseline["name"].as_str().unwrap()
+                );
+                assert_eq!(ratios_json(&results, &key), reported);
+            } else {
+                assert!(
+                    rounds.is_empty() && baseline["speed_ratio"].is_null(),
+                    "{baseline}"
+                );
+            }
+        }
         assert!(stdout.contains("as fast"), "{stdout}");
     }
+}
+
+fn ratios_json(results: &serde_json::Value, key: &str) -> f64 {
+    results["speed_ratios"][key].as_f64().unwrap()
 }

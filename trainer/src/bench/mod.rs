@@ -67,6 +67,10 @@ pub struct BenchOptions {
     pub python: Option<(PathBuf, PathBuf)>,
     pub warmup: usize,
     pub steps: usize,
+    /// Head-to-head rounds against each baseline: ours timed again right before each of the
+    /// baseline's runs, so that a machine whose speed drifts (a shared VM) slows both sides of
+    /// a round alike; the ratio reported is the median of the rounds'.
+    pub rounds: usize,
     /// Intra-op threads of libtorch (and of the Python baselines).
     pub threads: usize,
     /// At most this many training pairs (cpu preset).
@@ -738,7 +742,28 @@ impl Bench {
             results.push(result);
         }
         let baselines = match (&self.options.python, self.options.preset) {
-            (Some((python, scripts)), Preset::Cpu) => python::run_baselines(self, python, scripts)?,
+            (Some((python, scripts)), Preset::Cpu) => {
+                let selected: Vec<Case> = self.cases();
+                // Ours again, right before each baseline run; only the cases selected above.
+                let mut ours = |name: &str| -> Result<Option<CaseResult>> {
+                    let Some(case) = selected.iter().find(|c| {
+                        c.name == name
+                            && self
+                                .options
+                                .only
+                                .as_ref()
+                                .is_none_or(|only| c.name.contains(only.as_str()))
+                    }) else {
+                        return Ok(None);
+                    };
+                    eprintln!("bench: {name} (head to head)");
+                    let result = self
+                        .run_child(case, self.options.micro_batch)?
+                        .with_context(|| format!("benchmark case {name:?} failed"))?;
+                    Ok(Some(result))
+                };
+                python::run_baselines(self, python, scripts, &mut ours)?
+            }
             _ => Vec::new(),
         };
         let micro_batch_search = match self.options.search_micro_batch {

@@ -2,6 +2,11 @@
 //! `bench/trl_dpo.py` (TRL `DPOTrainer` + PEFT LoRA, with TRL's default reference forward
 //! every step and with `precompute_ref_log_probs`) and `bench/naive_stage3.py` (a
 //! straightforward PyTorch stage-3 step). Each prints its figures as one JSON line.
+//!
+//! Each baseline runs in `--rounds` head-to-head rounds: the stage of ours it stands beside is
+//! timed in a child process right before each of its runs, and the speed ratio is the median of
+//! the rounds' ratios. On a shared VM whose speed drifts by tens of percent over minutes, a
+//! ratio of two runs minutes apart measures the drift as much as the code.
 
 use std::io::Write;
 use std::path::Path;
@@ -10,9 +15,21 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{median, Bench, BENCH_ALPHA, BENCH_RANK, BETA, CPU_MAX_LENGTH, LEARNING_RATE};
+use super::{
+    median, Bench, CaseResult, BENCH_ALPHA, BENCH_RANK, BETA, CPU_MAX_LENGTH, LEARNING_RATE,
+};
 
-/// What a baseline script reports.
+/// One head-to-head round: ours, then the baseline, median step times of each.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Round {
+    pub ours_median_ms: f64,
+    pub baseline_median_ms: f64,
+    /// Pairs per median step, ours over the baseline's.
+    pub speed_ratio: f64,
+}
+
+/// What a baseline script reports (the fields after `versions` are filled in here, over all
+/// rounds).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaselineResult {
     pub name: String,
@@ -32,6 +49,41 @@ pub struct BaselineResult {
     /// The stage of ours it stands in for.
     #[serde(default)]
     pub compares_with: String,
+    /// Empty when ours was not run (filtered out with `--only`).
+    #[serde(default)]
+    pub rounds: Vec<Round>,
+    /// Median of the rounds' speed ratios.
+    #[serde(default)]
+    pub speed_ratio: Option<f64>,
+}
+
+impl BaselineResult {
+    /// Step times, rates and peak memory over every round's run.
+    fn merge(runs: Vec<BaselineResult>) -> BaselineResult {
+        let mut merged = runs[0].clone();
+        merged.ms_per_step = runs.iter().flat_map(|r| r.ms_per_step.clone()).collect();
+        merged.peak_rss_bytes = runs.iter().filter_map(|r| r.peak_rss_bytes).max();
+        merged.pairs_per_step =
+            runs.iter().map(|r| r.pairs_per_step).sum::<f64>() / runs.len() as f64;
+        merged.policy_tokens_per_step =
+            runs.iter().map(|r| r.policy_tokens_per_step).sum::<f64>() / runs.len() as f64;
+        merged.fill_rates();
+        merged
+    }
+
+    fn fill_rates(&mut self) {
+        let mean_s = self.ms_per_step.iter().sum::<f64>() / 1e3 / self.ms_per_step.len() as f64;
+        self.median_ms = median(&self.ms_per_step);
+        self.pairs_per_s = self.pairs_per_step / mean_s;
+        self.policy_tokens_per_s = self.policy_tokens_per_step / mean_s;
+    }
+}
+
+/// Pairs per median step, ours over the baseline's.
+fn speed_ratio(ours: &CaseResult, baseline: &BaselineResult) -> f64 {
+    let ours_rate = ours.micro_batch as f64 / ours.median_ms;
+    let baseline_rate = baseline.pairs_per_step / baseline.median_ms;
+    ours_rate / baseline_rate
 }
 
 fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
@@ -68,16 +120,19 @@ fn run_script(python: &Path, script: &Path, args: &[String], log: &Path) -> Resu
         .unwrap_or("");
     let mut result: BaselineResult = serde_json::from_str(last)
         .with_context(|| format!("{} printed no result line: {last:?}", script.display()))?;
-    let mean_s = result.ms_per_step.iter().sum::<f64>() / 1e3 / result.ms_per_step.len() as f64;
-    result.median_ms = median(&result.ms_per_step);
-    result.pairs_per_s = result.pairs_per_step / mean_s;
-    result.policy_tokens_per_s = result.policy_tokens_per_step / mean_s;
+    result.fill_rates();
     Ok(result)
 }
 
 /// TRL (reference every step, then precomputed) against stage 1; the PyTorch loop against
-/// stage 3.
-pub fn run_baselines(bench: &Bench, python: &Path, scripts: &Path) -> Result<Vec<BaselineResult>> {
+/// stage 3; each in `rounds` rounds, with `ours(case name)` timing our stage right before each
+/// run (None when that case is not selected).
+pub fn run_baselines(
+    bench: &Bench,
+    python: &Path,
+    scripts: &Path,
+    ours: &mut dyn FnMut(&str) -> Result<Option<CaseResult>>,
+) -> Result<Vec<BaselineResult>> {
     let o = &bench.options;
     let model = bench
         .model_dir()
@@ -110,35 +165,71 @@ pub fn run_baselines(bench: &Bench, python: &Path, scripts: &Path) -> Result<Vec
         .map(String::from)
         .to_vec()
     };
-    let mut results = Vec::new();
+    // (name, script, its own arguments, the stage of ours it stands beside)
+    let mut runs: Vec<(&str, &str, Vec<String>, &str)> = Vec::new();
     for (name, precompute) in [
         ("trl-dpo+peft", false),
         ("trl-dpo+peft, precomputed reference", true),
     ] {
-        let mut args = common(name);
-        args.extend([
+        let mut args = vec![
             "--pairs".into(),
             stage1.display().to_string(),
             "--batch".into(),
             o.micro_batch.to_string(),
             "--max-length".into(),
             (CPU_MAX_LENGTH + 8).to_string(),
-        ]);
+        ];
         if precompute {
             args.push("--precompute-ref".into());
         }
-        let log = o
-            .work
-            .join(format!("{}.log", name.replace([' ', ',', '+'], "_")));
-        let mut result = run_script(python, &scripts.join("trl_dpo.py"), &args, &log)?;
-        result.compares_with = "curriculum stage 1".into();
+        runs.push((name, "trl_dpo.py", args, "curriculum stage 1"));
+    }
+    runs.push((
+        "pytorch stage-3 loop",
+        "naive_stage3.py",
+        vec!["--steps-file".into(), stage3.display().to_string()],
+        "curriculum stage 3",
+    ));
+
+    // per baseline: each round's (ours, baseline)
+    let mut measured: Vec<Vec<(Option<CaseResult>, BaselineResult)>> = vec![Vec::new(); runs.len()];
+    for round in 1..=o.rounds {
+        for ((name, script, extra, compares_with), rounds) in runs.iter().zip(&mut measured) {
+            eprintln!("bench: round {round} of {}: {name}", o.rounds);
+            let ours_now = ours(compares_with)?;
+            let mut args = common(name);
+            args.extend(extra.iter().cloned());
+            let log = o
+                .work
+                .join(format!("{}.log", name.replace([' ', ',', '+'], "_")));
+            let result = run_script(python, &scripts.join(script), &args, &log)?;
+            rounds.push((ours_now, result));
+        }
+    }
+    let mut results = Vec::new();
+    for ((_, _, _, compares_with), rounds) in runs.iter().zip(measured) {
+        let round_figures: Vec<Round> = rounds
+            .iter()
+            .filter_map(|(ours, baseline)| {
+                ours.as_ref().map(|ours| Round {
+                    ours_median_ms: ours.median_ms,
+                    baseline_median_ms: baseline.median_ms,
+                    speed_ratio: speed_ratio(ours, baseline),
+                })
+            })
+            .collect();
+        let mut result = BaselineResult::merge(rounds.into_iter().map(|(_, b)| b).collect());
+        result.compares_with = compares_with.to_string();
+        result.speed_ratio = (!round_figures.is_empty()).then(|| {
+            median(
+                &round_figures
+                    .iter()
+                    .map(|r| r.speed_ratio)
+                    .collect::<Vec<_>>(),
+            )
+        });
+        result.rounds = round_figures;
         results.push(result);
     }
-    let mut args = common("pytorch stage-3 loop");
-    args.extend(["--steps-file".into(), stage3.display().to_string()]);
-    let log = o.work.join("naive_stage3.log");
-    let mut result = run_script(python, &scripts.join("naive_stage3.py"), &args, &log)?;
-    result.compares_with = "curriculum stage 3".into();
-    results.push(result);
     Ok(results)
 }

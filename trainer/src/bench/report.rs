@@ -36,14 +36,6 @@ fn machine(bench: &Bench) -> serde_json::Value {
     })
 }
 
-/// Speed of ours over a baseline: pairs per median step time, ours over theirs. Medians, so
-/// that one slow step (a late warm-up, a noisy neighbour) on either side does not decide it.
-fn ratio(ours: &CaseResult, baseline: &BaselineResult) -> f64 {
-    let ours_rate = ours.micro_batch as f64 / ours.median_ms;
-    let baseline_rate = baseline.pairs_per_step / baseline.median_ms;
-    ours_rate / baseline_rate
-}
-
 pub fn write(
     bench: &Bench,
     results: &[CaseResult],
@@ -95,16 +87,22 @@ pub fn write(
             mib(r.peak_memory_bytes)
         )?;
     }
-    let find = |name: &str| results.iter().find(|r| r.name == name);
     let mut ratios = serde_json::Map::new();
     if !baselines.is_empty() {
         writeln!(
             text,
-            "\nalternatives (same model, pairs, rank and batch); speed: pairs per median step"
+            "\nalternatives (same model, pairs, rank and batch), {} rounds each; speed: pairs per \
+             median step, ours timed right before each round's run; the median round's ratio, \
+             every round's in brackets",
+            o.rounds
         )?;
         for b in baselines {
-            let ours = find(&b.compares_with);
-            let speedup = ours.map(|ours| ratio(ours, b));
+            let speedup = b.speed_ratio;
+            let each_round: Vec<String> = b
+                .rounds
+                .iter()
+                .map(|r| format!("{:.2}", r.speed_ratio))
+                .collect();
             writeln!(
                 text,
                 "{:<40} {:>10.1} {:>8.2} {:>10.0} {:>10} {:>6} {:>9}   ours ({}) is {}",
@@ -116,7 +114,10 @@ pub fn write(
                 "",
                 mib(b.peak_rss_bytes),
                 b.compares_with,
-                speedup.map_or("-".into(), |s| format!("{s:.2}x as fast")),
+                speedup.map_or("-".into(), |s| format!(
+                    "{s:.2}x as fast [{}]",
+                    each_round.join(" ")
+                )),
             )?;
             if let Some(s) = speedup {
                 ratios.insert(format!("{} / {}", b.compares_with, b.name), json!(s));
@@ -187,6 +188,7 @@ pub fn write(
         "settings": {
             "pairs_per_step": o.micro_batch, "lora_rank": super::BENCH_RANK,
             "lora_alpha": super::BENCH_ALPHA, "warmup_steps": o.warmup, "timed_steps": o.steps,
+            "head_to_head_rounds": o.rounds,
             "max_length": if o.preset == super::Preset::Cpu { super::CPU_MAX_LENGTH } else { o.seq_len },
             "gpu": !matches!(o.device, Device::Cpu),
         },
