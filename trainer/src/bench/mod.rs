@@ -727,40 +727,30 @@ impl Bench {
             println!("{}", serde_json::to_string(&result)?);
             return Ok(());
         }
+        let selected: Vec<Case> = self
+            .cases()
+            .into_iter()
+            .filter(|c| {
+                self.options
+                    .only
+                    .as_ref()
+                    .is_none_or(|only| c.name.contains(only.as_str()))
+            })
+            .collect();
         let mut results = Vec::new();
-        let selected = self.cases().into_iter().filter(|c| {
-            self.options
-                .only
-                .as_ref()
-                .is_none_or(|only| c.name.contains(only.as_str()))
-        });
-        for case in selected {
+        for case in &selected {
             eprintln!("bench: {}", case.name);
-            let result = self
-                .run_child(&case, self.options.micro_batch)?
-                .with_context(|| format!("benchmark case {:?} failed", case.name))?;
-            results.push(result);
+            results.push(self.time_case(case)?);
         }
         let baselines = match (&self.options.python, self.options.preset) {
             (Some((python, scripts)), Preset::Cpu) => {
-                let selected: Vec<Case> = self.cases();
-                // Ours again, right before each baseline run; only the cases selected above.
+                // Ours again, right before each baseline run (when the case is selected).
                 let mut ours = |name: &str| -> Result<Option<CaseResult>> {
-                    let Some(case) = selected.iter().find(|c| {
-                        c.name == name
-                            && self
-                                .options
-                                .only
-                                .as_ref()
-                                .is_none_or(|only| c.name.contains(only.as_str()))
-                    }) else {
+                    let Some(case) = selected.iter().find(|c| c.name == name) else {
                         return Ok(None);
                     };
                     eprintln!("bench: {name} (head to head)");
-                    let result = self
-                        .run_child(case, self.options.micro_batch)?
-                        .with_context(|| format!("benchmark case {name:?} failed"))?;
-                    Ok(Some(result))
+                    self.time_case(case).map(Some)
                 };
                 python::run_baselines(self, python, scripts, &mut ours)?
             }
@@ -771,6 +761,12 @@ impl Bench {
             None => None,
         };
         report::write(self, &results, &baselines, micro_batch_search.as_ref())
+    }
+
+    /// Times `case` at the benchmark's micro-batch in a child process; its failure is an error.
+    fn time_case(&self, case: &Case) -> Result<CaseResult> {
+        self.run_child(case, self.options.micro_batch)?
+            .with_context(|| format!("benchmark case {:?} failed", case.name))
     }
 
     /// Times `case` in a child process (this binary, `bench --child-case`); None when the

@@ -79,7 +79,8 @@ impl BaselineResult {
     }
 }
 
-/// Pairs per median step, ours over the baseline's.
+/// Speed of ours over a baseline: pairs per median step time, ours over theirs. Medians, so
+/// that one slow step (a late warm-up, a noisy neighbour) on either side does not decide it.
 fn speed_ratio(ours: &CaseResult, baseline: &BaselineResult) -> f64 {
     let ours_rate = ours.micro_batch as f64 / ours.median_ms;
     let baseline_rate = baseline.pairs_per_step / baseline.median_ms;
@@ -194,7 +195,7 @@ pub fn run_baselines(
     // per baseline: each round's (ours, baseline)
     let mut measured: Vec<Vec<(Option<CaseResult>, BaselineResult)>> = vec![Vec::new(); runs.len()];
     for round in 1..=o.rounds {
-        for ((name, script, extra, compares_with), rounds) in runs.iter().zip(&mut measured) {
+        for ((name, script, extra, compares_with), so_far) in runs.iter().zip(&mut measured) {
             eprintln!("bench: round {round} of {}: {name}", o.rounds);
             let ours_now = ours(compares_with)?;
             let mut args = common(name);
@@ -203,12 +204,12 @@ pub fn run_baselines(
                 .work
                 .join(format!("{}.log", name.replace([' ', ',', '+'], "_")));
             let result = run_script(python, &scripts.join(script), &args, &log)?;
-            rounds.push((ours_now, result));
+            so_far.push((ours_now, result));
         }
     }
     let mut results = Vec::new();
-    for ((_, _, _, compares_with), rounds) in runs.iter().zip(measured) {
-        let round_figures: Vec<Round> = rounds
+    for ((_, _, _, compares_with), pairs) in runs.iter().zip(measured) {
+        let round_figures: Vec<Round> = pairs
             .iter()
             .filter_map(|(ours, baseline)| {
                 ours.as_ref().map(|ours| Round {
@@ -218,7 +219,7 @@ pub fn run_baselines(
                 })
             })
             .collect();
-        let mut result = BaselineResult::merge(rounds.into_iter().map(|(_, b)| b).collect());
+        let mut result = BaselineResult::merge(pairs.into_iter().map(|(_, b)| b).collect());
         result.compares_with = compares_with.to_string();
         result.speed_ratio = (!round_figures.is_empty()).then(|| {
             median(
