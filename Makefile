@@ -75,7 +75,8 @@ demo: setup
 
 # Speed and memory: every stage and method, each optimisation switched off in turn, and TRL +
 # PEFT and a plain PyTorch stage-3 loop on the same model and pairs (docs/benchmarks.md). Prints
-# a table and writes bench/results.json; about 10 minutes on 2 CPU cores.
+# a table and writes bench/results.json; about 18 minutes on 2 CPU cores (3 head-to-head rounds
+# against each baseline; BENCH_FLAGS="--rounds 1" for a quicker run).
 BENCH_FLAGS ?=
 bench: setup
 	$(BIN) bench --out bench --work target/bench --python $(PYTHON) --scripts bench \

@@ -78,10 +78,31 @@ fn tiny_bench_writes_every_case_and_ratio() {
         ],
         "--only keeps the matching cases, in order"
     );
+    // Every case's rates are per median step and its MFU is against the one rate the table
+    // prints (each child measures a rate of its own, which drifts on a shared machine).
+    let rate = results["machine"]["dense_matmul_gflops"].as_f64().unwrap() * 1e9;
     for case in cases {
         let ms = case["median_ms"].as_f64().unwrap();
         let mfu = case["mfu"].as_f64().unwrap();
-        assert!(ms > 0.0 && case["pairs_per_s"].as_f64().unwrap() > 0.0);
+        let at_median = |per_step: f64| per_step / (ms / 1e3);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+        let flops = case["flops_per_step"].as_f64().unwrap();
+        assert!(
+            close(mfu, at_median(flops) / rate),
+            "MFU {mfu} of {}",
+            case["name"]
+        );
+        let pairs = case["micro_batch"].as_f64().unwrap();
+        assert!(close(
+            case["pairs_per_s"].as_f64().unwrap(),
+            at_median(pairs)
+        ));
+        let tokens = case["policy_tokens_per_step"].as_f64().unwrap();
+        assert!(close(
+            case["policy_tokens_per_s"].as_f64().unwrap(),
+            at_median(tokens)
+        ));
+        assert!(ms > 0.0 && pairs > 0.0 && tokens > 0.0);
         assert!(mfu > 0.0 && mfu < 1.0, "MFU {mfu} of {}", case["name"]);
         assert!(case["flops_per_step"].as_f64().unwrap() > 0.0);
         assert!(case["peak_memory_bytes"].as_u64().unwrap() > 0);

@@ -176,14 +176,31 @@ pub struct CaseResult {
     pub micro_batch: usize,
     /// Per timed step, milliseconds.
     pub ms_per_step: Vec<f64>,
+    /// Real tokens through the policy (rows x passes) per timed step, on average.
+    pub policy_tokens_per_step: f64,
+    /// Model FLOPs per timed step, on average.
+    pub flops_per_step: f64,
+    /// The rates below are per median step (one slow step does not move them), filled in by
+    /// [`CaseResult::fill_rates`].
     pub median_ms: f64,
     pub pairs_per_s: f64,
-    /// Real tokens through the policy (rows x passes) per second.
     pub policy_tokens_per_s: f64,
-    pub flops_per_step: f64,
+    /// FLOPs per second over the dense matmul rate of the process that ran the whole
+    /// benchmark (one rate for every case, so MFU and throughput rank cases alike).
     pub mfu: f64,
     /// Peak resident set (CPU) or device memory in use (GPU), bytes.
     pub peak_memory_bytes: Option<u64>,
+}
+
+impl CaseResult {
+    /// Median step time and the rates per median step, MFU against `matmul_rate` (FLOP/s).
+    fn fill_rates(&mut self, matmul_rate: f64) {
+        self.median_ms = median(&self.ms_per_step);
+        let median_s = self.median_ms / 1e3;
+        self.pairs_per_s = self.micro_batch as f64 / median_s;
+        self.policy_tokens_per_s = self.policy_tokens_per_step / median_s;
+        self.mfu = self.flops_per_step / median_s / matmul_rate;
+    }
 }
 
 /// Everything the benchmark ran on, and what it measured.
@@ -604,23 +621,24 @@ impl Bench {
         }
         let peak = self.peak_memory();
         let steps = times.len() as f64;
-        let median_ms = median(&times);
-        let mean_s = times.iter().sum::<f64>() / 1e3 / steps;
-        let flops_per_step = flops / steps;
-        Ok(CaseResult {
+        let mut result = CaseResult {
             name: case.name.clone(),
             method: case.method,
             stage: case.stage,
             variant: v,
             micro_batch,
-            median_ms,
-            pairs_per_s: micro_batch as f64 / mean_s,
-            policy_tokens_per_s: tokens as f64 / steps / mean_s,
-            flops_per_step,
-            mfu: flops_per_step / mean_s / self.matmul_rate,
-            peak_memory_bytes: peak,
             ms_per_step: times,
-        })
+            policy_tokens_per_step: tokens as f64 / steps,
+            flops_per_step: flops / steps,
+            median_ms: 0.0,
+            pairs_per_s: 0.0,
+            policy_tokens_per_s: 0.0,
+            mfu: 0.0,
+            peak_memory_bytes: peak,
+        };
+        // This process's own rate; the parent fills the rates in again against its one rate.
+        result.fill_rates(self.matmul_rate);
+        Ok(result)
     }
 
     /// Model FLOPs of one step over `pairs`: every pass over both responses of every pair,
@@ -794,8 +812,9 @@ impl Bench {
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let last = stdout.lines().last().unwrap_or("");
-        let result = serde_json::from_str(last)
+        let mut result: CaseResult = serde_json::from_str(last)
             .with_context(|| format!("{}: no result line in {last:?}", case.name))?;
+        result.fill_rates(self.matmul_rate);
         Ok(Some(result))
     }
 
