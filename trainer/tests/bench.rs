@@ -79,9 +79,10 @@ fn tiny_bench_writes_every_case_and_ratio() {
         "--only keeps the matching cases, in order"
     );
     // Every case's rates are per median step and its MFU is against the one rate the table
-    // prints (each child measures a rate of its own, which drifts on a shared machine).
+    // prints: the best of the rates each child measured, which drift on a shared machine.
     let rate = results["machine"]["dense_matmul_gflops"].as_f64().unwrap() * 1e9;
     for case in cases {
+        assert!(case["matmul_rate"].as_f64().unwrap() <= rate * (1.0 + 1e-12));
         let ms = case["median_ms"].as_f64().unwrap();
         let mfu = case["mfu"].as_f64().unwrap();
         let at_median = |per_step: f64| per_step / (ms / 1e3);
