@@ -21,21 +21,11 @@ Stage 1 in the benchmark runs 8 shared rows of up to ~400 tokens; stage 3 24 row
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-
-def median_ms(f, calls=6):
-    for _ in range(2):
-        f()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from timing import median_ms  # bench/micro/timing.py
 
 
 def main():

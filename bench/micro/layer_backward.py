@@ -18,10 +18,11 @@ gradients for x and every A and B, then times forward + backward of each, interl
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from timing import median_ms  # bench/micro/timing.py
 
 SHAPES = {  # name: (out, in) at the benchmark's preset (hidden 256, 8 / 4 heads of 32, MLP 688)
     "q": (256, 256),
@@ -102,17 +103,6 @@ class Layer:
         self.proj_bwd(grad_att[:, :128].contiguous(), x, hk, "k", grad_x)
         self.proj_bwd(grad_att[:, 128:].contiguous(), x, hv, "v", grad_x)
         return grad_x.add_(grad_h)
-
-
-def median_ms(f, calls=6):
-    for _ in range(2):
-        f()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main():

@@ -1,12 +1,17 @@
-"""Microbenchmark: what the LoRA GEMMs of one projection cost, and what fusing them into the
-frozen projection's GEMMs would save, at the CPU benchmark's stage-3 shapes.
+"""Microbenchmark: what the LoRA GEMMs of one projection cost, in which orientation, and what
+fusing them into the frozen projection's GEMMs would save, at the CPU benchmark's shapes
+(stage 3 by default; stage 1 is `--rows 3200 --rank 8`).
 
 One projection `out = x W^T + (x A^T * s) B^T` with a frozen W [out, in] and a stacked rank-R
 adapter (A [R, in], B [out, R], per-row scales s), over M token rows. Its forward and the
 backward that training needs (gradients for x, A and B; none for W) are eight GEMMs:
 
-    forward:  x W^T,  h = x A^T,  out += (h * s) B^T
-    backward: g W,  g B,  g^T (h * s),  gh^T x,  grad_x += gh A     (gh = (g B) * s)
+    forward:  x W^T,  h = x A^T,  out += hs B^T                       (hs = h * s)
+    backward: g W,  g B,  B's gradient,  gh^T x,  grad_x += gh A     (gh = (g B) * s)
+
+Autograd picks the form of the B-side GEMMs from the layout of the B^T it is given: from a
+transposed view of B it computes B's gradient as g^T hs, from a contiguous [R, out] copy as
+hs^T g (and g B as g (B^T)^T). Both are timed; the model passes the copy.
 
 A hand-written backward could fuse the two that read x in the forward (x [W; A]^T, one GEMM
 to out + R features) and the two that write grad_x in the backward ([g, gh] [W; A], one GEMM
@@ -15,26 +20,16 @@ such a backward from Rust (tch has no custom autograd functions), so this measur
 fusion would be worth before anyone writes one. Each figure is the best of 3 repeats of 5
 calls, and the rounds are interleaved, because the build machine's speed drifts.
 
-    .venv/bin/python bench/micro/lora_projection.py [--rows 8000] [--rounds 5] [--threads 2]
+    .venv/bin/python bench/micro/lora_projection.py [--rows 8000] [--rank 24] [--out-features 256]
+        [--rounds 5] [--threads 2]
 """
 
 import argparse
 import statistics
-import time
 
 import torch
 
-
-def best_ms(f, calls=5, repeats=3):
-    for _ in range(2):
-        f()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            f()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e3
+from timing import best_ms  # bench/micro/timing.py
 
 
 def main():
@@ -58,17 +53,28 @@ def main():
     hs = torch.randn(m, r)  # [M, R], h * s
     gh = torch.randn(m, r)  # [M, R], (g B) * s
     out = torch.empty(m, n_out)
+    grad_x = torch.empty(m, n_in)
     wa = torch.cat([w, a], 0)  # [out + R, in]
+    b_t = b.t().contiguous()  # [R, out]
 
     gemms = {
         "base": {"x W^T": lambda: x @ w.t(), "g W": lambda: g @ w},
+        # As the model runs them: B^T goes into addmm_ as a contiguous [R, out] copy, so
+        # autograd computes B's gradient as hs^T g and h's as g (B^T)^T.
         "lora": {
             "x A^T": lambda: x @ a.t(),
+            "out += hs Bt": lambda: out.addmm_(hs, b_t),
+            "g Bt^T": lambda: g @ b_t.t(),
+            "hs^T g": lambda: hs.t() @ g,
+            "gh^T x": lambda: gh.t() @ x,
+            "grad_x += gh A": lambda: grad_x.addmm_(gh, a),
+        },
+        # The same three B-side GEMMs when B^T is a transposed view of B [out, R] (PEFT's
+        # layout, and the model's before): autograd then computes g^T hs and g B.
+        "B^T as a view": {
             "out += hs B^T": lambda: out.addmm_(hs, b.t()),
             "g B": lambda: g @ b,
             "g^T hs": lambda: g.t() @ hs,
-            "gh^T x": lambda: gh.t() @ x,
-            "grad_x += gh A": lambda: out.addmm_(gh, a),
         },
         "fused": {
             "x [W; A]^T": lambda: x @ wa.t(),
@@ -94,7 +100,7 @@ def main():
     # The fused form replaces x W^T and x A^T by one GEMM, g W and grad_x += gh A by another
     # (whose time includes the copy of g and gh side by side), and keeps the other four.
     fused = med["x [W; A]^T"] + med["[g, gh] [W; A]"] + sum(
-        med[n] for n in ("out += hs B^T", "g B", "g^T hs", "gh^T x")
+        med[n] for n in ("out += hs Bt", "g Bt^T", "hs^T g", "gh^T x")
     )
     print(f"frozen GEMMs (x W^T + g W): {base:.2f} ms, {2 * base_flop / base / 1e6:.0f} GFLOP/s")
     print(
@@ -102,7 +108,12 @@ def main():
         f"for {100 * lora_flop / (2 * base_flop):.0f}% of their FLOPs"
     )
     print(f"separate: {base + lora:.2f} ms; fused: {fused:.2f} ms ({fused / (base + lora):.2f}x)")
-
+    b_view = sum(med[n] for n in gemms["B^T as a view"])
+    b_contiguous = med["out += hs Bt"] + med["g Bt^T"] + med["hs^T g"]
+    print(
+        f"B-side GEMMs with B^T contiguous (the model): {b_contiguous:.2f} ms; "
+        f"with B^T a view of B: {b_view:.2f} ms ({b_view / b_contiguous:.2f}x)"
+    )
 
 if __name__ == "__main__":
     main()

@@ -232,9 +232,17 @@ impl ConditionedLinear {
 
 /// base [rows, out] += h [.., r] B^T (B: [out, r]; h's leading dimensions hold `rows`), as one
 /// GEMM accumulating into base in place.
+///
+/// B^T goes in as a contiguous [r, out] copy (r x out elements, next to nothing), not as a
+/// transposed view of B: autograd picks its formulas by layout, and with a contiguous B^T it
+/// computes B's gradient as h^T g [r, out] and h's as g (B^T)^T. From the view it computes
+/// g^T h [out, r] and g B, which on the benchmark machine's MKL took 3.3-3.9x as long at
+/// rank 8 (stage 1's shapes); at rank 24 (stage 3's) the copy's form is up to ~0.6 ms per
+/// projection slower, under 1% of a step (`bench/micro/lora_projection.py`).
 fn add_low_rank(mut base: Tensor, h: &Tensor, b: &Tensor) -> Tensor {
     let rank = h.size()[h.dim() - 1];
-    let _ = base.addmm_(&h.reshape([-1, rank]), &b.tr());
+    let b_t = b.tr().contiguous(); // [r, out]
+    let _ = base.addmm_(&h.reshape([-1, rank]), &b_t);
     base
 }
 
