@@ -237,8 +237,8 @@ impl ConditionedLinear {
 /// transposed view of B: autograd picks its formulas by layout, and with a contiguous B^T it
 /// computes B's gradient as h^T g [r, out] and h's as g (B^T)^T. From the view it computes
 /// g^T h [out, r] and g B, which on the benchmark machine's MKL took 3.3-3.9x as long at
-/// rank 8 (stage 1's shapes); at rank 24 (stage 3's) the copy's form is up to ~0.6 ms per
-/// projection slower, under 1% of a step (`bench/micro/lora_projection.py`).
+/// rank 8 (stage 1's shapes). At rank 24 (stage 3's) the copy's form is the slower one, by
+/// 1.1-1.8x on those three GEMMs, under 2% of a step (`bench/micro/lora_projection.py`).
 fn add_low_rank(mut base: Tensor, h: &Tensor, b: &Tensor) -> Tensor {
     let rank = h.size()[h.dim() - 1];
     let b_t = b.tr().contiguous(); // [r, out]
