@@ -115,5 +115,6 @@ def main():
         f"with B^T a view of B: {b_view:.2f} ms ({b_view / b_contiguous:.2f}x)"
     )
 
+
 if __name__ == "__main__":
     main()

@@ -131,13 +131,13 @@ impl Adapter {
                 let w = weights.to_kind(kind); // [b, k]
                 let mut sum = shared.as_ref().map(|s| {
                     x.matmul(&s.a.to_kind(kind).tr())
-                        .matmul(&s.b.to_kind(kind).tr())
+                        .matmul(&up_projection(&s.b.to_kind(kind)))
                 }); // [b, t, out]
                 for i in 0..self.spec.num_dimensions {
                     let a_i = self.dimensions.a.narrow(0, i * r, r).to_kind(kind); // [r, in]
                     let b_i = self.dimensions.b.narrow(1, i * r, r).to_kind(kind); // [out, r]
                     let w_i = w.narrow(1, i, 1).unsqueeze(2); // [b, 1, 1]
-                    let block = x.matmul(&a_i.tr()).matmul(&b_i.tr()) * w_i;
+                    let block = x.matmul(&a_i.tr()).matmul(&up_projection(&b_i)) * w_i;
                     sum = Some(match sum {
                         Some(s) => s + block,
                         None => block,
@@ -232,18 +232,21 @@ impl ConditionedLinear {
 
 /// base [rows, out] += h [.., r] B^T (B: [out, r]; h's leading dimensions hold `rows`), as one
 /// GEMM accumulating into base in place.
-///
-/// B^T goes in as a contiguous [r, out] copy (r x out elements, next to nothing), not as a
-/// transposed view of B: autograd picks its formulas by layout, and with a contiguous B^T it
-/// computes B's gradient as h^T g [r, out] and h's as g (B^T)^T. From the view it computes
-/// g^T h [out, r] and g B, which on the benchmark machine's MKL took 3.3-3.9x as long at
-/// rank 8 (stage 1's shapes). At rank 24 (stage 3's) the copy's form is the slower one, by
-/// 1.1-1.8x on those three GEMMs, under 2% of a step (`bench/micro/lora_projection.py`).
 fn add_low_rank(mut base: Tensor, h: &Tensor, b: &Tensor) -> Tensor {
     let rank = h.size()[h.dim() - 1];
-    let b_t = b.tr().contiguous(); // [r, out]
-    let _ = base.addmm_(&h.reshape([-1, rank]), &b_t);
+    let _ = base.addmm_(&h.reshape([-1, rank]), &up_projection(b));
     base
+}
+
+/// B [out, r] -> B^T [r, out] for the up-projection GEMM `h B^T`, as a contiguous copy (r x out
+/// elements, next to nothing), not a transposed view of B: autograd picks its formulas by
+/// layout, and with a contiguous B^T it computes B's gradient as h^T g [r, out] and h's as
+/// g (B^T)^T. From the view it computes g^T h [out, r] and g B, which on the benchmark
+/// machine's MKL took 3.3-3.9x as long at rank 8 (stage 1's shapes). At rank 24 (stage 3's)
+/// the copy's form is the slower one, by 1.1-1.8x on those three GEMMs, under 2% of a step
+/// (`bench/micro/lora_projection.py`).
+fn up_projection(b: &Tensor) -> Tensor {
+    b.tr().contiguous()
 }
 
 #[cfg(test)]
