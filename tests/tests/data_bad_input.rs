@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use modpo_trainer::data::{self, fixtures, DataConfig, DataFormat};
+use modpo_trainer::data::{self, DataConfig, DataFormat};
+use modpo_trainer::tokenizer::byte_level;
 use modpo_trainer::tokenizer::ChatTokenizer;
 use serde_json::json;
 
@@ -135,7 +136,7 @@ fn unknown_dimension_name() {
     );
     // `load` validates too, before touching any file.
     let dir = tempfile::tempdir().unwrap();
-    fixtures::write_byte_level_tokenizer(dir.path()).unwrap();
+    byte_level::write_byte_level_tokenizer(dir.path()).unwrap();
     let tok = ChatTokenizer::from_model_dir(dir.path(), None).unwrap();
     let err = format!("{:#}", data::load(&config, &tok).unwrap_err());
     assert_contains(&err, &["`honesty`"]);

@@ -17,7 +17,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use modpo_trainer::data::{self, fixtures, DataConfig, DataFormat, PreferenceCounts};
+use modpo_trainer::data::{self, DataConfig, DataFormat, PreferenceCounts};
+use modpo_trainer::tokenizer::byte_level;
 use modpo_trainer::tokenizer::ChatTokenizer;
 use serde_json::{json, Value};
 
@@ -132,7 +133,7 @@ fn helpsteer_sample_counts() {
 }
 
 fn byte_tokenizer(dir: &Path) -> ChatTokenizer {
-    fixtures::write_byte_level_tokenizer(dir).unwrap();
+    byte_level::write_byte_level_tokenizer(dir).unwrap();
     ChatTokenizer::from_model_dir(dir, None).unwrap()
 }
 
@@ -166,10 +167,13 @@ fn helpsteer_load_keeps_untied_distinct_pairs() {
     assert_eq!(data.eval.pairs.len(), 0);
     for pair in &data.train.pairs {
         for response in [&pair.response_a_ids, &pair.response_b_ids] {
-            let eos = response.iter().filter(|&&t| t == fixtures::EOS_ID).count();
+            let eos = response
+                .iter()
+                .filter(|&&t| t == byte_level::EOS_ID)
+                .count();
             assert_eq!(
                 (eos, response.last()),
-                (1, Some(&fixtures::EOS_ID)),
+                (1, Some(&byte_level::EOS_ID)),
                 "line {:?}",
                 pair.source_lines
             );

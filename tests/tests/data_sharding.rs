@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use modpo_trainer::data::{self, collate, epoch_batches, fixtures, BatchPlan, DataConfig};
+use modpo_trainer::data::{self, collate, epoch_batches, BatchPlan, DataConfig};
+use modpo_trainer::tokenizer::byte_level;
 use modpo_trainer::tokenizer::ChatTokenizer;
 use serde_json::json;
 
@@ -80,7 +81,7 @@ fn shards_cover_each_global_batch_once_for_1_2_4_ranks() {
 #[test]
 fn real_conflict_pairs_shard_and_collate() {
     let dir = tempfile::tempdir().unwrap();
-    fixtures::write_byte_level_tokenizer(dir.path()).unwrap();
+    byte_level::write_byte_level_tokenizer(dir.path()).unwrap();
     let tok = ChatTokenizer::from_model_dir(dir.path(), None).unwrap();
     let train_file =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/pku_saferlhf_sample.jsonl");

@@ -1,6 +1,6 @@
 //! The three methods end to end on CPU: a tiny random Llama on the PKU-SafeRLHF sample.
 //! - freezing: stage 1 moves psi only, stage 2 phi only (psi bit-identical), stage 3 both;
-//! - batched passes give the gradients of pass-by-pass execution;
+//! - (batched passes give the gradients of pass-by-pass execution: `step/tests.rs`);
 //! - every method raises the training preference accuracy above its starting value.
 
 use std::collections::HashMap;
@@ -11,10 +11,9 @@ use modpo_trainer::checkpoint::{self, ADAPTERS_FILE};
 use modpo_trainer::config::RunConfig;
 use modpo_trainer::data::{self, collate};
 use modpo_trainer::logps::{sequence_logps, BatchTensors};
-use modpo_trainer::method::{stages, MethodName, StepPlan};
+use modpo_trainer::method::{stages, MethodName};
 use modpo_trainer::model::{load_model, Conditioning, LoadedModel};
 use modpo_trainer::reference;
-use modpo_trainer::step::{self, MicroInputs, Normalisers, StepContext, StepStats};
 use modpo_trainer::tokenizer::ChatTokenizer;
 use modpo_trainer::train::{train, Cluster};
 use tch::{Device, Kind, Tensor};
@@ -137,185 +136,6 @@ fn curriculum_stages_train_only_their_parameters() {
         max_change(&s3, &read_adapters(&summary.adapters), |_| true),
         0.0
     );
-}
-
-/// How a step is executed; every way gives the same gradients.
-#[derive(Debug, Clone, Copy)]
-struct Execution {
-    batched: bool,
-    recompute: bool,
-    split: bool,
-    /// Both responses after one copy of the prompt (else a row per response).
-    shared_prompt: bool,
-}
-
-/// Gradients of every adapter tensor after one micro-batch of `plan`.
-fn gradients(
-    loaded: &LoadedModel,
-    plan: StepPlan,
-    execution: Execution,
-    inputs: &MicroInputs,
-    norms: &Normalisers,
-) -> Vec<(String, Tensor)> {
-    for (_, t) in loaded.adapters.variables() {
-        let _ = t.set_requires_grad(true);
-        let mut g = t.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-    }
-    let mut context = StepContext::new(&loaded.model, plan, 0.1, 2);
-    context.batch_passes = execution.batched;
-    context.recompute_activations = execution.recompute;
-    context.split_responses = execution.split;
-    let mut stats = StepStats::new(2, Device::Cpu);
-    step::accumulate(&context, inputs, norms, &mut stats);
-    let mut grads: Vec<(String, Tensor)> = loaded
-        .adapters
-        .variables()
-        .into_iter()
-        .map(|(n, t)| {
-            // Stage 1 leaves the dimension blocks without a gradient.
-            let g = t.grad();
-            (
-                n,
-                if g.defined() {
-                    g.copy()
-                } else {
-                    t.zeros_like()
-                },
-            )
-        })
-        .collect();
-    grads.sort_by(|a, b| a.0.cmp(&b.0));
-    grads
-}
-
-#[test]
-fn every_step_execution_gives_the_same_gradients() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (config, _) = setup(tmp.path(), "curriculum", 40, "");
-    let tokenizer = ChatTokenizer::from_model_dir(&config.model.path, None).unwrap();
-    let data = data::load(&config.data, &tokenizer).unwrap();
-    let spec = config.method.adapter_spec(2);
-    let loaded = load_model(&config.model.path, Some(&spec), Device::Cpu, Kind::Float).unwrap();
-    tch::no_grad(|| {
-        for (_, mut t) in loaded.adapters.variables() {
-            t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1));
-        }
-    });
-    // Two conflict pairs and two agree pairs (stage 1 learns from the agree ones only).
-    let ids: Vec<usize> = data
-        .train
-        .conflict()
-        .into_iter()
-        .take(2)
-        .chain(data.train.agree().into_iter().take(2))
-        .collect();
-    let batch = collate(&data.train.select(&ids), tokenizer.pad_token_id());
-    let refs = reference::compute(
-        &loaded.model,
-        &data.train.pairs,
-        4,
-        tokenizer.pad_token_id(),
-        Device::Cpu,
-    );
-    let per_response = BatchTensors::new(&batch, Device::Cpu);
-    let shared = BatchTensors::shared_prompt(&batch, Device::Cpu);
-    assert_eq!(
-        shared.tokens, per_response.tokens,
-        "tokens count as rows of their own"
-    );
-    assert!(shared.input_ids.size()[0] * shared.seq_len() < per_response.input_ids.numel() as i64);
-    let inputs_of = |tensors| {
-        let (reference_a, reference_b) = refs.gather(&batch.pair_ids, Device::Cpu);
-        let preferences = Tensor::from_slice(&batch.preferences).view([4, 2]);
-        let drawn = Tensor::from_slice(&[0.2f32, 0.8, 0.5, 0.5, 0.9, 0.1, 0.3, 0.7]).view([4, 2]);
-        MicroInputs {
-            tensors,
-            reference_a,
-            reference_b,
-            preferences,
-            drawn_weights: Some(drawn),
-        }
-    };
-    let (per_response_inputs, shared_inputs) = (inputs_of(&per_response), inputs_of(&shared));
-    // The same log-probabilities either way, per-row w included.
-    let w = per_response_inputs.drawn_weights.as_ref().unwrap();
-    let (a, b) =
-        tch::no_grad(|| sequence_logps(&loaded.model, &per_response, Conditioning::Weighted(w)));
-    let (shared_a, shared_b) =
-        tch::no_grad(|| sequence_logps(&loaded.model, &shared, Conditioning::Weighted(w)));
-    for (x, y) in [(a, shared_a), (b, shared_b)] {
-        let diff = (&x - &y).abs().max().double_value(&[]);
-        assert!(
-            diff < 1e-4,
-            "shared-prompt log-probs differ by {diff}: {x} {y}"
-        );
-    }
-    let norms = Normalisers::of(&data.train.select(&ids), 2, 1);
-    let default = Execution {
-        batched: true,
-        recompute: false,
-        split: false,
-        shared_prompt: true,
-    };
-    // Each alternative execution against the default: pass by pass, per-block activation
-    // recomputation (batched and pass by pass), a row per response (in one forward, in two,
-    // pass by pass).
-    let per_response_rows = Execution {
-        shared_prompt: false,
-        ..default
-    };
-    let alternatives = [
-        Execution {
-            batched: false,
-            ..default
-        },
-        Execution {
-            recompute: true,
-            ..default
-        },
-        Execution {
-            batched: false,
-            recompute: true,
-            ..default
-        },
-        per_response_rows,
-        Execution {
-            split: true,
-            ..per_response_rows
-        },
-        Execution {
-            batched: false,
-            ..per_response_rows
-        },
-    ];
-    let inputs = |execution: Execution| match execution.shared_prompt {
-        true => &shared_inputs,
-        false => &per_response_inputs,
-    };
-    for plan in [
-        StepPlan::SharedDpo,
-        StepPlan::PerDimensionDpo,
-        StepPlan::PerDimensionDpoAndKl,
-        StepPlan::PerDimensionDpoAndLinearScalarisation,
-    ] {
-        let expected = gradients(&loaded, plan, default, inputs(default), &norms);
-        for execution in alternatives {
-            let got = gradients(&loaded, plan, execution, inputs(execution), &norms);
-            let mut largest = 0f64;
-            for ((name, a), (_, b)) in expected.iter().zip(&got) {
-                let diff = (a - b).abs().max().double_value(&[]);
-                assert!(
-                    diff <= 1e-5,
-                    "{plan:?} {name}: {execution:?} gradients differ from the default's by {diff}"
-                );
-                largest = largest.max(a.abs().max().double_value(&[]));
-            }
-            assert!(largest > 0.0, "{plan:?}: gradients are not all zero");
-        }
-    }
 }
 
 /// Share of (pair, dimension) with a preference whose implicit-reward margin at w = 1_i

@@ -15,6 +15,7 @@ pub mod loss;
 pub mod method;
 pub mod model;
 pub mod optim;
+pub mod paths;
 pub mod reference;
 pub mod step;
 pub mod synth;

@@ -630,7 +630,7 @@ fn generate(
     prompt: &str,
     mut opts: model::generate::GenerateOptions,
 ) -> Result<()> {
-    let device = model::select_device(modpo_trainer::config::DeviceChoice::Auto, 0)?;
+    let device = model::select_device(modpo_trainer::model::DeviceChoice::Auto, 0)?;
     let (loaded, w, dir) = match (run, model_dir) {
         (Some(run), _) => {
             let adapters_path = run.join(ADAPTERS_FILE);
@@ -684,8 +684,8 @@ fn eval(
     resamples: usize,
     seed: u64,
 ) -> Result<()> {
-    use modpo_trainer::config::DeviceChoice;
     use modpo_trainer::eval::{self, Bootstrap, CompareOptions};
+    use modpo_trainer::model::DeviceChoice;
     let out = out.unwrap_or_else(|| runs[0].join("eval"));
     let device = device.map(|d| match d {
         "cpu" => DeviceChoice::Cpu,

@@ -1,11 +1,22 @@
-//! The three methods as plans: which stages run, on which pairs, training which adapters, with
-//! which passes and loss per step (METHOD.md sections 4 and 5). The training loop executes a
-//! plan and knows no method by name.
+//! The methods, declared in one place: each method's adapters and stages, and for each stage
+//! the pool of pairs it draws from, the adapter blocks it trains, the passes of a step and the
+//! loss of each (METHOD.md sections 4 and 5), with the pool selection, the freezing and the
+//! weight draws those declarations stand for. The step runner and the training loop execute a
+//! plan and know no method by name.
+//!
+//! Adding a method: a [`MethodName`], its [`stages`] and its [`MethodConfig::adapter_spec`].
+//! Adding a loss for the drawn pass: a [`DrawnLoss`] variant, its arm in
+//! [`DrawnLoss::per_row`] and the function in `loss.rs`.
 
 use anyhow::{bail, Result};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
-use crate::model::AdapterSpec;
+use crate::data::split::{agree_subset, seeded_rng};
+use crate::data::TokenizedPair;
+use crate::loss;
+use crate::model::{AdapterSpec, CausalLm};
 
 /// `[method]` `name`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +39,35 @@ pub enum WeightSampling {
     PerRow,
     /// One w ~ Dirichlet(1) per optimizer step, as in the paper.
     PerStep,
+}
+
+impl WeightSampling {
+    /// w ~ Dirichlet(1, .., 1) for each of `pairs` pairs of a global batch (or one w for all of
+    /// them), drawn from (seed, stage, step) so that any world size and accumulation draws the
+    /// same weights.
+    pub fn draw(
+        self,
+        seed: u64,
+        stage: usize,
+        step: usize,
+        pairs: usize,
+        k: usize,
+    ) -> Vec<Vec<f32>> {
+        let mut rng = seeded_rng(&format!("weights/stage-{stage}"), seed, step as u64);
+        let mut draw = || {
+            // Normalised unit exponentials are Dirichlet(1).
+            let e: Vec<f64> = (0..k).map(|_| -(1.0 - rng.random::<f64>()).ln()).collect();
+            let total: f64 = e.iter().sum();
+            e.iter().map(|x| (x / total) as f32).collect::<Vec<f32>>()
+        };
+        match self {
+            WeightSampling::PerRow => (0..pairs).map(|_| draw()).collect(),
+            WeightSampling::PerStep => {
+                let w = draw();
+                vec![w; pairs]
+            }
+        }
+    }
 }
 
 /// `[method]`: the method and its hyperparameters.
@@ -101,6 +141,32 @@ pub enum PairPool {
     All,
 }
 
+impl PairPool {
+    /// The ids of the pool's pairs among the training pairs (`pairs[i].id == i`); `seed` draws
+    /// `D_agree,sub` (the data's seed).
+    pub fn pair_ids(self, pairs: &[TokenizedPair], seed: u64) -> Vec<usize> {
+        let of_kind = |conflict: bool| -> Vec<usize> {
+            pairs
+                .iter()
+                .filter(|p| p.is_conflict() == conflict)
+                .map(|p| p.id)
+                .collect()
+        };
+        match self {
+            PairPool::Agree => of_kind(false),
+            PairPool::Conflict => of_kind(true),
+            PairPool::All => pairs.iter().map(|p| p.id).collect(),
+            PairPool::AgreeSubsetAndConflict => {
+                let conflict = of_kind(true);
+                let mut ids = agree_subset(&of_kind(false), conflict.len(), seed);
+                ids.extend(conflict);
+                ids.sort_unstable();
+                ids
+            }
+        }
+    }
+}
+
 /// Which adapter parameters a stage trains; the rest are frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Trainable {
@@ -111,37 +177,100 @@ pub enum Trainable {
     All,
 }
 
+impl Trainable {
+    /// Sets which adapter tensors of `model` receive gradients; returns the trainable ones with
+    /// their names.
+    pub fn apply(self, model: &CausalLm) -> Vec<(String, Tensor)> {
+        let shared_on = matches!(self, Trainable::Shared | Trainable::All);
+        let dimensions_on = matches!(self, Trainable::Dimensions | Trainable::All);
+        let mut params = Vec::new();
+        for (module, projection) in model.projections() {
+            let adapter = projection
+                .adapter
+                .as_ref()
+                .expect("training needs adapters");
+            let mut tensors = vec![];
+            if let Some(shared) = &adapter.shared {
+                tensors.push(("shared_a", &shared.a, shared_on));
+                tensors.push(("shared_b", &shared.b, shared_on));
+            }
+            tensors.push(("dims_a", &adapter.dimensions.a, dimensions_on));
+            tensors.push(("dims_b", &adapter.dimensions.b, dimensions_on));
+            for (name, tensor, on) in tensors {
+                let _ = tensor.shallow_clone().set_requires_grad(on);
+                if on {
+                    params.push((format!("{module}.{name}"), tensor.shallow_clone()));
+                }
+            }
+        }
+        params
+    }
+}
+
+/// The passes of a step at fixed weights, each with its DPO loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum UnitPasses {
+    /// One pass at w = 0 (shared block only): DPO on the preference every dimension shares.
+    Shared,
+    /// k passes at w = 1_i: sum_i L_DPO,i (pass i moves only h_0 and h_i).
+    PerDimension,
+}
+
+/// The loss of the extra pass at a drawn w ~ Dirichlet(1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DrawnLoss {
+    /// Bernoulli KL to the teacher built from the unit passes' detached margins (curriculum
+    /// stage 3, METHOD.md section 3).
+    BernoulliKl,
+    /// Linear scalarisation L_LS(w) (Panacea).
+    LinearScalarisation,
+}
+
+impl DrawnLoss {
+    /// The loss of each row at its drawn weights `w` [B, k]: `drawn_margin` is
+    /// u(y_a; w) - u(y_b; w) [B] of the drawn pass, `unit_margins` the k detached margins at
+    /// w = 1_i ([B] each), `preferences` [B, k] in {-1, 0, +1}. Returns [B].
+    pub fn per_row(
+        self,
+        drawn_margin: &Tensor,
+        unit_margins: &[Tensor],
+        preferences: &Tensor,
+        w: &Tensor,
+        beta: f64,
+    ) -> Tensor {
+        match self {
+            DrawnLoss::BernoulliKl => {
+                let teacher = loss::teacher_logit(&Tensor::stack(unit_margins, 1), w, beta);
+                loss::bernoulli_kl(&teacher, &(drawn_margin * beta))
+            }
+            DrawnLoss::LinearScalarisation => {
+                loss::linear_scalarisation(drawn_margin, preferences, w, beta)
+            }
+        }
+    }
+}
+
 /// The passes of one step and the loss each contributes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum StepPlan {
-    /// Stage 1: one pass at w = 0 (shared block only); DPO on the preference all dimensions
-    /// share.
-    SharedDpo,
-    /// k passes at w = 1_i; sum_i L_DPO,i (pass i only moves h_0 and h_i).
-    PerDimensionDpo,
-    /// The k passes of `PerDimensionDpo`, then one at w ~ Dirichlet(1) with the Bernoulli KL
-    /// loss whose teacher is built from the k passes' detached margins.
-    PerDimensionDpoAndKl,
-    /// Panacea: the k passes at 1_i (where L_LS(1_i) = L_DPO,i) plus one at a drawn w with
-    /// L_LS(w).
-    PerDimensionDpoAndLinearScalarisation,
+pub struct StepPlan {
+    pub unit: UnitPasses,
+    /// The pass at drawn weights, after the unit passes, if the stage has one.
+    pub drawn: Option<DrawnLoss>,
 }
 
 impl StepPlan {
     /// Passes per step for k dimensions.
     pub fn passes(self, k: usize) -> usize {
-        match self {
-            StepPlan::SharedDpo => 1,
-            StepPlan::PerDimensionDpo => k,
-            StepPlan::PerDimensionDpoAndKl | StepPlan::PerDimensionDpoAndLinearScalarisation => {
-                k + 1
-            }
-        }
+        let unit = match self.unit {
+            UnitPasses::Shared => 1,
+            UnitPasses::PerDimension => k,
+        };
+        unit + usize::from(self.drawn.is_some())
     }
 
     /// Whether the last pass uses a drawn weight vector.
     pub fn draws_weights(self) -> bool {
-        self.passes(1) == 2
+        self.drawn.is_some()
     }
 }
 
@@ -165,21 +294,30 @@ pub fn stages(method: MethodName) -> Vec<Stage> {
                 name: "general",
                 pool: PairPool::Agree,
                 trainable: Trainable::Shared,
-                step: StepPlan::SharedDpo,
+                step: StepPlan {
+                    unit: UnitPasses::Shared,
+                    drawn: None,
+                },
             },
             Stage {
                 number: 2,
                 name: "dimension-specific",
                 pool: PairPool::Conflict,
                 trainable: Trainable::Dimensions,
-                step: StepPlan::PerDimensionDpo,
+                step: StepPlan {
+                    unit: UnitPasses::PerDimension,
+                    drawn: None,
+                },
             },
             Stage {
                 number: 3,
                 name: "conditioned",
                 pool: PairPool::AgreeSubsetAndConflict,
                 trainable: Trainable::All,
-                step: StepPlan::PerDimensionDpoAndKl,
+                step: StepPlan {
+                    unit: UnitPasses::PerDimension,
+                    drawn: Some(DrawnLoss::BernoulliKl),
+                },
             },
         ],
         MethodName::Panacea => vec![Stage {
@@ -187,7 +325,10 @@ pub fn stages(method: MethodName) -> Vec<Stage> {
             name: "panacea",
             pool: PairPool::All,
             trainable: Trainable::All,
-            step: StepPlan::PerDimensionDpoAndLinearScalarisation,
+            step: StepPlan {
+                unit: UnitPasses::PerDimension,
+                drawn: Some(DrawnLoss::LinearScalarisation),
+            },
         }],
         // The adapters have no shared block, so `All` is phi_1..phi_k and pass i moves phi_i
         // alone: k independent DPO runs sharing batches. A pair trains adapter i only where
@@ -197,7 +338,10 @@ pub fn stages(method: MethodName) -> Vec<Stage> {
             name: "dpo-soup",
             pool: PairPool::All,
             trainable: Trainable::All,
-            step: StepPlan::PerDimensionDpo,
+            step: StepPlan {
+                unit: UnitPasses::PerDimension,
+                drawn: None,
+            },
         }],
     }
 }

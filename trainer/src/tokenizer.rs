@@ -12,6 +12,7 @@
 //! (strings or serialised `AddedToken` objects), with the eos id sometimes only in
 //! `generation_config.json` / `config.json`.
 
+pub mod byte_level;
 mod hf_jinja;
 
 use std::path::Path;

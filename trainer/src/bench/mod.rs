@@ -4,9 +4,10 @@
 //! TRL's `DPOTrainer` with a PEFT LoRA adapter for single-objective DPO (our stage 1), and a
 //! straightforward PyTorch stage-3 step (`bench/*.py`, run with the venv's Python).
 //!
-//! A case times `steps` optimizer steps after `warmup` ones, each step the whole of what the
-//! training loop does per step: collate, upload, passes and backward, gradient clipping,
-//! AdamW, the metrics read back to the host. FLOPs per step count the batch's real tokens
+//! A case times `steps` optimizer steps after `warmup` ones, each step the training loop's own
+//! [`StepRunner`]: collate, upload, passes and backward, gradient all-reduce and clipping,
+//! AdamW, the metrics read back to the host; the batches come from the stage's pool as
+//! training selects it. FLOPs per step count the batch's real tokens
 //! ([`flops`]) and MFU divides their rate by the measured dense matmul rate.
 //!
 //! Presets: `cpu` (a small random Llama with the byte-level tokenizer on the PKU-SafeRLHF
@@ -14,8 +15,10 @@
 //! weights on a GPU, synthetic pairs of 1024 tokens, plus the largest micro-batch that fits
 //! with and without activation recomputation).
 
+mod cases;
 pub mod flops;
 pub mod memory;
+mod presets;
 mod python;
 mod report;
 
@@ -24,23 +27,24 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
-use rand::Rng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::data::split::{seeded_rng, PairKind, Preference};
-use crate::data::tokenize::Truncation;
-use crate::data::{collate, epoch_batches, DataConfig, TokenizedPair};
-use crate::logps::{sequence_logps, BatchTensors, RowLayout};
-use crate::method::{stages, MethodConfig, MethodName, PairPool, Stage};
-use crate::model::tiny::{write_tiny_model, TinyModelSpec};
-use crate::model::{self, AdapterSpec, CausalLm, Conditioning, LoraGemms, ModelConfig};
-use crate::optim::AdamW;
+use modpo_launcher::Single;
+
+pub use cases::{CaseResult, Variant};
+
+use crate::data::split::seeded_rng;
+use crate::data::{epoch_batches, BatchPlan, TokenizedPair};
+use crate::logps::RowLayout;
+use crate::method::{stages, MethodConfig, MethodName, Stage, UnitPasses, WeightSampling};
+use crate::model::{self, AdapterSpec, CausalLm, LoraGemms, ModelConfig};
 use crate::reference;
-use crate::step::{self, MicroInputs, Normalisers, StepContext, StepStats};
+use crate::step::{ReferenceSource, StepRunner, StepSettings};
 use crate::tokenizer::ChatTokenizer;
-use crate::train::{draw_weights, set_trainable};
-use flops::{measure_matmul_rate, row_pass_flops, PassAdapters};
+use cases::{all_cases, cases, median, search_cases, Case};
+use flops::{row_pass_flops, PassAdapters};
+use presets::{random_model, CPU_MAX_LENGTH};
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -92,119 +96,11 @@ pub struct BenchOptions {
     pub child: Option<(String, usize)>,
 }
 
-/// The benchmark model's shape for the cpu preset: big enough that the GEMMs, not the
-/// framework, dominate a step on 2 cores; small enough for a few minutes in all.
-fn cpu_model_spec() -> TinyModelSpec {
-    TinyModelSpec {
-        hidden_size: 256,
-        intermediate_size: 688,
-        layers: 4,
-        heads: 8,
-        kv_heads: 4,
-    }
-}
-
-/// Tokens per sequence at most in the cpu preset.
-const CPU_MAX_LENGTH: usize = 256;
 /// LoRA rank and alpha of the curriculum and Panacea (DPO-Soup doubles both, as in the paper).
-const BENCH_RANK: i64 = 8;
-const BENCH_ALPHA: f64 = 16.0;
-const BETA: f64 = 0.1;
-const LEARNING_RATE: f64 = 1e-4;
-
-/// What one case switches off, relative to how training runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Variant {
-    pub reference_cache: bool,
-    pub joint_responses: bool,
-    pub batched_passes: bool,
-    pub stacked_lora: bool,
-    pub length_bucketing: bool,
-    pub frozen_base: bool,
-    pub recompute_activations: bool,
-    pub shared_prompt: bool,
-}
-
-impl Variant {
-    /// How `train` runs (recomputation is an option, off by default).
-    pub const TRAINING: Variant = Variant {
-        reference_cache: true,
-        joint_responses: true,
-        batched_passes: true,
-        stacked_lora: true,
-        length_bucketing: true,
-        frozen_base: true,
-        recompute_activations: false,
-        shared_prompt: true,
-    };
-}
-
-/// One timed configuration.
-#[derive(Debug, Clone)]
-struct Case {
-    name: String,
-    method: MethodName,
-    /// 1-based stage of the method.
-    stage: usize,
-    variant: Variant,
-}
-
-impl Case {
-    fn new(name: &str, method: MethodName, stage: usize) -> Self {
-        Case {
-            name: name.to_string(),
-            method,
-            stage,
-            variant: Variant::TRAINING,
-        }
-    }
-
-    fn with(mut self, name: &str, change: impl FnOnce(&mut Variant)) -> Self {
-        self.name = name.to_string();
-        change(&mut self.variant);
-        self
-    }
-}
-
-/// The measured figures of one case.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CaseResult {
-    pub name: String,
-    pub method: MethodName,
-    pub stage: usize,
-    pub variant: Variant,
-    pub micro_batch: usize,
-    /// Per timed step, milliseconds.
-    pub ms_per_step: Vec<f64>,
-    /// Real tokens through the policy (rows x passes) per timed step, on average.
-    pub policy_tokens_per_step: f64,
-    /// Model FLOPs per timed step, on average.
-    pub flops_per_step: f64,
-    /// The rates below are per median step (one slow step does not move them), filled in by
-    /// [`CaseResult::fill_rates`].
-    pub median_ms: f64,
-    pub pairs_per_s: f64,
-    pub policy_tokens_per_s: f64,
-    /// FLOPs per second over the benchmark's dense matmul rate: the best of the rates
-    /// measured during the run (one rate for every case, so MFU and throughput rank cases
-    /// alike, and the MFU is not flattered by a measurement taken in a slow moment).
-    pub mfu: f64,
-    /// The dense matmul rate this case's process measured before it, FLOP/s.
-    pub matmul_rate: f64,
-    /// Peak resident set (CPU) or device memory in use (GPU), bytes.
-    pub peak_memory_bytes: Option<u64>,
-}
-
-impl CaseResult {
-    /// Median step time and the rates per median step, MFU against `matmul_rate` (FLOP/s).
-    pub(crate) fn fill_rates(&mut self, matmul_rate: f64) {
-        self.median_ms = median(&self.ms_per_step);
-        let median_s = self.median_ms / 1e3;
-        self.pairs_per_s = self.micro_batch as f64 / median_s;
-        self.policy_tokens_per_s = self.policy_tokens_per_step / median_s;
-        self.mfu = self.flops_per_step / median_s / matmul_rate;
-    }
-}
+pub(super) const BENCH_RANK: i64 = 8;
+pub(super) const BENCH_ALPHA: f64 = 16.0;
+pub(super) const BETA: f64 = 0.1;
+pub(super) const LEARNING_RATE: f64 = 1e-4;
 
 /// Everything the benchmark ran on, and what it measured.
 pub struct Bench {
@@ -214,6 +110,8 @@ pub struct Bench {
     kind: Kind,
     pairs: Vec<TokenizedPair>,
     k: usize,
+    /// The data's seed: draws the stage-3 pool's agree subset as training does.
+    data_seed: u64,
     pad_token_id: u32,
     tokenizer: Option<ChatTokenizer>,
     /// Dense matmul rate (FLOP/s) measured by this process before it ran anything.
@@ -224,41 +122,18 @@ pub struct Bench {
     best_matmul_rate: std::cell::Cell<f64>,
 }
 
-/// Median of a non-empty list.
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
-}
-
-/// The pairs of a stage's pool. `D_agree,sub` is the first |D_conflict| agree pairs: a
-/// benchmark needs the same sizes as training, not the seeded draw.
-fn pool(pairs: &[TokenizedPair], pool: PairPool) -> Vec<usize> {
-    let agree: Vec<usize> = pairs
-        .iter()
-        .filter(|p| !p.is_conflict())
-        .map(|p| p.id)
-        .collect();
-    let conflict: Vec<usize> = pairs
-        .iter()
-        .filter(|p| p.is_conflict())
-        .map(|p| p.id)
-        .collect();
-    match pool {
-        PairPool::Agree => agree,
-        PairPool::Conflict => conflict,
-        PairPool::All => pairs.iter().map(|p| p.id).collect(),
-        PairPool::AgreeSubsetAndConflict => {
-            let mut ids: Vec<usize> = agree.into_iter().take(conflict.len()).collect();
-            ids.extend(conflict);
-            ids.sort_unstable();
-            ids
-        }
+/// How a case's steps run: training's settings with the variant's optimisations switched off.
+fn step_settings(v: &Variant) -> StepSettings {
+    StepSettings {
+        beta: BETA,
+        batch_passes: v.batched_passes,
+        recompute_activations: v.recompute_activations,
+        split_responses: !v.joint_responses,
+        row_layout: RowLayout::new(v.shared_prompt),
+        max_grad_norm: 1.0,
+        adam: (0.9, 0.999, 1e-8, 0.0),
+        seed: 0,
+        weight_sampling: WeightSampling::PerRow,
     }
 }
 
@@ -294,159 +169,7 @@ fn step_batches(
     batches
 }
 
-/// Synthetic pairs of exactly `seq_len` tokens (prompt of a quarter, two responses), k = 2,
-/// one in four a conflict pair, token ids uniform over the vocabulary.
-fn synthetic_pairs(n: usize, seq_len: usize, vocab: i64) -> Vec<TokenizedPair> {
-    let mut rng = seeded_rng("bench-synthetic", 0, 0);
-    let prompt_len = seq_len / 4;
-    let response_len = seq_len - prompt_len;
-    let mut ids = |len: usize| -> Vec<u32> {
-        (0..len)
-            .map(|_| rng.random_range(0..vocab as u32))
-            .collect()
-    };
-    (0..n)
-        .map(|id| {
-            let conflict = id % 4 == 0;
-            let (scores_a, scores_b) = match conflict {
-                true => (vec![1.0, 0.0], vec![0.0, 1.0]),
-                false => (vec![1.0, 1.0], vec![0.0, 0.0]),
-            };
-            TokenizedPair {
-                id,
-                prompt_ids: ids(prompt_len),
-                response_a_ids: ids(response_len),
-                response_b_ids: ids(response_len),
-                preferences: match conflict {
-                    true => vec![Preference::A, Preference::B],
-                    false => vec![Preference::A, Preference::A],
-                },
-                scores_a,
-                scores_b,
-                kind: match conflict {
-                    true => PairKind::Conflict,
-                    false => PairKind::Agree,
-                },
-                source_lines: [id, id],
-                truncation: Truncation {
-                    prompt_len,
-                    response_a_len: response_len,
-                    response_b_len: response_len,
-                    kept_prompt: prompt_len,
-                    kept_a: response_len,
-                    kept_b: response_len,
-                },
-            }
-        })
-        .collect()
-}
-
-/// A model with the preset's shapes and random base weights (N(0, 0.02^2), norms 1) drawn
-/// on the device, for shapes too big to write to disk first.
-fn random_model(
-    config: &ModelConfig,
-    spec: &AdapterSpec,
-    device: Device,
-    kind: Kind,
-) -> (VarStore, VarStore, CausalLm) {
-    let base = VarStore::new(device);
-    let adapters = VarStore::new(device);
-    let model = CausalLm::new(&base.root(), Some((&adapters.root(), spec)), config, kind);
-    tch::no_grad(|| {
-        for (name, mut t) in base.variables() {
-            if name.ends_with("norm.weight") {
-                let _ = t.fill_(1.0);
-            } else {
-                let _ = t.normal_(0.0, 0.02);
-            }
-        }
-    });
-    (base, adapters, model)
-}
-
-/// Llama-3-8B's config.json, with `layers` decoder layers.
-fn llama3_8b_config(layers: i64) -> Result<ModelConfig> {
-    ModelConfig::from_json(&format!(
-        r#"{{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-            "intermediate_size": 14336, "num_hidden_layers": {layers}, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-            "max_position_embeddings": 8192, "tie_word_embeddings": false}}"#
-    ))
-}
-
 impl Bench {
-    /// Builds the model directory and data of the preset and measures the matmul rate.
-    pub fn prepare(options: BenchOptions) -> Result<Self> {
-        tch::set_num_threads(options.threads as i32);
-        match options.preset {
-            Preset::Cpu => Self::prepare_cpu(options),
-            Preset::Llama3_8b => {
-                let config = llama3_8b_config(options.layers.unwrap_or(32))?;
-                let kind = match options.device {
-                    Device::Cpu => Kind::Float,
-                    _ => Kind::BFloat16,
-                };
-                let n = options.micro_batch * (options.warmup + options.steps).max(4) * 4;
-                let pairs = synthetic_pairs(n, options.seq_len, config.vocab_size);
-                let rate_n = if options.device == Device::Cpu {
-                    1024
-                } else {
-                    8192
-                };
-                let matmul_rate = measure_matmul_rate(options.device, kind, rate_n, 10);
-                Ok(Bench {
-                    options,
-                    model_dir: None,
-                    config,
-                    kind,
-                    pairs,
-                    k: 2,
-                    pad_token_id: 0,
-                    tokenizer: None,
-                    matmul_rate,
-                    best_matmul_rate: matmul_rate.into(),
-                })
-            }
-        }
-    }
-
-    fn prepare_cpu(options: BenchOptions) -> Result<Self> {
-        let model_dir = options.work.join("model");
-        let mut spec = cpu_model_spec();
-        if let Some(layers) = options.layers {
-            spec.layers = layers;
-        }
-        write_tiny_model(&model_dir, &spec, 0)?;
-        let config = ModelConfig::from_model_dir(&model_dir)?;
-        let tokenizer = ChatTokenizer::from_model_dir(&model_dir, None)?;
-        let data_config: DataConfig = toml::from_str(&format!(
-            "format = \"pku-saferlhf\"\ntrain_file = {:?}\nmax_length = {CPU_MAX_LENGTH}\n\
-             global_batch = {mb}\nmicro_batch = {mb}\neval_fraction = 0.0\n",
-            options.data_file.display().to_string(),
-            mb = options.micro_batch,
-        ))
-        .context("the benchmark's data config")?;
-        let data = crate::data::load(&data_config, &tokenizer)
-            .with_context(|| format!("loading {}", options.data_file.display()))?;
-        let mut pairs = data.train.pairs;
-        if let Some(max) = options.max_pairs {
-            pairs.truncate(max);
-        }
-        let matmul_rate = measure_matmul_rate(options.device, Kind::Float, 1024, 10);
-        Ok(Bench {
-            options,
-            model_dir: Some(model_dir),
-            config,
-            kind: Kind::Float,
-            k: data.dimensions.len(),
-            pairs,
-            pad_token_id: tokenizer.pad_token_id(),
-            tokenizer: Some(tokenizer),
-            matmul_rate,
-            best_matmul_rate: matmul_rate.into(),
-        })
-    }
-
     fn adapter_spec(&self, method: MethodName) -> AdapterSpec {
         let soup = method == MethodName::DpoSoup;
         MethodConfig {
@@ -498,7 +221,7 @@ impl Bench {
         variant: &Variant,
         micro_batch: usize,
     ) -> Vec<Vec<usize>> {
-        let ids = pool(&self.pairs, stage.pool);
+        let ids = stage.pool.pair_ids(&self.pairs, self.data_seed);
         step_batches(
             &self.pairs,
             &ids,
@@ -509,7 +232,8 @@ impl Bench {
         )
     }
 
-    /// Times one case; `micro_batch` pairs per step.
+    /// Times one case; `micro_batch` pairs per step, each step through the training loop's
+    /// [`StepRunner`] (collate, passes, all-reduce, clip, AdamW, metrics).
     fn run_case(&self, case: &Case, micro_batch: usize) -> Result<CaseResult> {
         let (device, k, v) = (self.options.device, self.k, case.variant);
         let stage = stages(case.method)
@@ -552,74 +276,44 @@ impl Bench {
         for p in base.variables().values() {
             let _ = p.shallow_clone().set_requires_grad(!v.frozen_base);
         }
-        let (_, params): (Vec<String>, Vec<Tensor>) =
-            set_trainable(&model, stage.trainable).into_iter().unzip();
-        let mut optimizer = AdamW::new(params, 0.9, 0.999, 1e-8, 0.0);
-        let mut context = StepContext::new(&model, stage.step, BETA, k);
-        context.batch_passes = v.batched_passes;
-        context.split_responses = !v.joint_responses;
-        context.recompute_activations = v.recompute_activations;
-        let adapters_of_pass = match stage.step {
-            crate::method::StepPlan::SharedDpo => PassAdapters::SharedOnly,
-            _ => PassAdapters::AllBlocks,
+        let mut runner = StepRunner::new(
+            &model,
+            &stage,
+            step_settings(&v),
+            &Single,
+            BatchPlan::from_factors(micro_batch, micro_batch, Some(1), 1)?,
+            0,
+            k,
+            self.pad_token_id,
+        );
+        let adapters_of_pass = match stage.step.unit {
+            UnitPasses::Shared => PassAdapters::SharedOnly,
+            UnitPasses::PerDimension => PassAdapters::AllBlocks,
         };
 
-        let layout = RowLayout::new(v.shared_prompt);
         self.sync();
         memory::reset_peak_rss();
         let (mut times, mut tokens, mut flops) = (Vec::new(), 0i64, 0f64);
         for (step_index, global) in batches.iter().enumerate() {
             let started = Instant::now();
-            let selected: Vec<&TokenizedPair> = global.iter().map(|&i| &self.pairs[i]).collect();
-            let norms = Normalisers::of(&selected, k, 1);
-            let mut stats = StepStats::new(k, device);
-            let batch = collate(&selected, self.pad_token_id);
-            let tensors = BatchTensors::with_layout(&batch, layout, device);
-            let (reference_a, reference_b) = match &reference {
-                Some(cached) => cached.gather(&batch.pair_ids, device),
-                None => tch::no_grad(|| sequence_logps(&model, &tensors, Conditioning::Reference)),
+            let source = match &reference {
+                Some(cached) => ReferenceSource::Cached(cached),
+                None => ReferenceSource::EveryStep,
             };
-            let drawn_weights = stage.step.draws_weights().then(|| {
-                let w = draw_weights(
-                    0,
-                    stage.number,
-                    step_index,
-                    global.len(),
-                    k,
-                    Default::default(),
-                );
-                let flat: Vec<f32> = w.into_iter().flatten().collect();
-                Tensor::from_slice(&flat)
-                    .view([global.len() as i64, k as i64])
-                    .to_device(device)
-            });
-            let inputs = MicroInputs {
-                tensors: &tensors,
-                reference_a,
-                reference_b,
-                preferences: Tensor::from_slice(&batch.preferences)
-                    .view([batch.pairs as i64, k as i64])
-                    .to_device(device),
-                drawn_weights,
-            };
-            step::accumulate(&context, &inputs, &norms, &mut stats);
-            // What the loop does after the micro-batches: clip (reads the norm), step, and
-            // read the metrics back.
-            let _grad_norm = optimizer.clip_grad_norm(1.0);
-            optimizer.step(LEARNING_RATE);
-            optimizer.zero_grad();
+            let outcome = runner.step(&self.pairs, global, source, step_index, LEARNING_RATE)?;
             for p in &base_params {
                 let mut g = p.grad();
                 if g.defined() {
                     let _ = g.zero_();
                 }
             }
-            let _sums = Vec::<f64>::try_from(stats.sums.to_device(Device::Cpu))?;
             self.sync();
             let elapsed = started.elapsed().as_secs_f64();
             if step_index >= self.options.warmup {
                 times.push(elapsed * 1e3);
-                tokens += stats.tokens;
+                tokens += outcome.tokens;
+                let selected: Vec<&TokenizedPair> =
+                    global.iter().map(|&i| &self.pairs[i]).collect();
                 flops += self.batch_flops(
                     &selected,
                     &spec,
@@ -629,7 +323,6 @@ impl Bench {
                 );
             }
         }
-        let peak = self.peak_memory();
         let steps = times.len() as f64;
         let mut result = CaseResult {
             name: case.name.clone(),
@@ -645,7 +338,7 @@ impl Bench {
             policy_tokens_per_s: 0.0,
             mfu: 0.0,
             matmul_rate: self.matmul_rate,
-            peak_memory_bytes: peak,
+            peak_memory_bytes: self.peak_memory(),
         };
         // This process's own rate; the parent fills the rates in again against the best one.
         result.fill_rates(self.matmul_rate);
@@ -681,74 +374,13 @@ impl Bench {
         per_pass * passes as f64
     }
 
-    /// The cases of the preset: every stage and method, then (optionally) stage 3 with each
-    /// optimisation switched off.
-    fn cases(&self) -> Vec<Case> {
-        let mut cases = vec![
-            Case::new("curriculum stage 1", MethodName::Curriculum, 1),
-            Case::new("curriculum stage 2", MethodName::Curriculum, 2),
-            Case::new("curriculum stage 3", MethodName::Curriculum, 3),
-        ];
-        if self.options.preset == Preset::Cpu {
-            cases.push(Case::new("panacea", MethodName::Panacea, 1));
-            cases.push(Case::new("dpo-soup", MethodName::DpoSoup, 1));
-        }
-        if self.options.preset == Preset::Llama3_8b {
-            let stage3 = Case::new("", MethodName::Curriculum, 3);
-            cases.push(stage3.with("stage 3, recomputation", |v| v.recompute_activations = true));
-        }
-        if self.options.ablations {
-            let stage1 = Case::new("", MethodName::Curriculum, 1);
-            cases.push(stage1.clone().with("stage 1, reference every step", |v| {
-                v.reference_cache = false
-            }));
-            cases.push(stage1.with("stage 1, a row per response", |v| v.shared_prompt = false));
-            let stage3 = Case::new("", MethodName::Curriculum, 3);
-            for (name, off) in [
-                (
-                    "reference every step",
-                    (|v: &mut Variant| v.reference_cache = false) as fn(&mut Variant),
-                ),
-                ("a row per response", |v| v.shared_prompt = false),
-                ("a row per response, in two forwards", |v| {
-                    v.shared_prompt = false;
-                    v.joint_responses = false
-                }),
-                ("k + 1 passes one by one", |v| v.batched_passes = false),
-                ("LoRA GEMMs per block", |v| v.stacked_lora = false),
-                ("no length bucketing", |v| v.length_bucketing = false),
-                ("gradients for the base", |v| v.frozen_base = false),
-                ("activation recomputation", |v| {
-                    v.recompute_activations = true
-                }),
-            ] {
-                cases.push(stage3.clone().with(&format!("stage 3, {name}"), off));
-            }
-            let naive = stage3.with("stage 3, all of them off", |v| {
-                *v = Variant {
-                    reference_cache: false,
-                    joint_responses: false,
-                    batched_passes: false,
-                    stacked_lora: false,
-                    length_bucketing: false,
-                    frozen_base: false,
-                    recompute_activations: false,
-                    shared_prompt: false,
-                }
-            });
-            cases.push(naive);
-        }
-        cases
-    }
-
     /// Runs every case (and the baselines), prints the tables and writes results.json. Each
     /// case runs in a child process of its own, so that its peak memory is its own and no
     /// case inherits another's allocator state; a child that fails (out of memory, say) is an
     /// error, except in the micro-batch search, where it means "does not fit".
     pub fn run(&self) -> Result<()> {
         if let Some((name, micro_batch)) = &self.options.child {
-            let case = self
-                .all_cases()
+            let case = all_cases(self.options.preset, self.options.ablations)
                 .into_iter()
                 .find(|c| &c.name == name)
                 .with_context(|| format!("no benchmark case {name:?}"))?;
@@ -756,8 +388,7 @@ impl Bench {
             println!("{}", serde_json::to_string(&result)?);
             return Ok(());
         }
-        let selected: Vec<Case> = self
-            .cases()
+        let selected: Vec<Case> = cases(self.options.preset, self.options.ablations)
             .into_iter()
             .filter(|c| {
                 self.options
@@ -834,28 +465,11 @@ impl Bench {
         Ok(Some(result))
     }
 
-    /// The two cases of the micro-batch search: stage 3 without and with recomputation.
-    fn search_cases() -> [Case; 2] {
-        let stage3 = Case::new("", MethodName::Curriculum, 3);
-        [
-            stage3.clone().with("micro-batch search", |_| {}),
-            stage3.with("micro-batch search, recomputation", |v| {
-                v.recompute_activations = true
-            }),
-        ]
-    }
-
-    fn all_cases(&self) -> Vec<Case> {
-        let mut cases = self.cases();
-        cases.extend(Self::search_cases());
-        cases
-    }
-
     /// The largest micro-batch of a stage-3 step that runs, without and with activation
     /// recomputation: doubling until a run fails (out of memory), then bisecting.
     fn search_micro_batch(&self, limit: usize) -> Result<Vec<(bool, usize)>> {
         let mut found = Vec::new();
-        for case in Self::search_cases() {
+        for case in search_cases() {
             let fits = |m: usize| -> Result<bool> {
                 eprintln!("bench: {} with {m} pairs", case.name);
                 Ok(self.run_child(&case, m)?.is_some())
@@ -931,7 +545,7 @@ impl Bench {
                         })
                     })
                     .collect();
-                let weights = draw_weights(0, 3, step_index, batch.len(), self.k, Default::default());
+                let weights = WeightSampling::PerRow.draw(0, 3, step_index, batch.len(), self.k);
                 serde_json::json!({"pairs": pairs, "weights": weights})
             })
             .collect()

@@ -207,7 +207,7 @@ impl DataConfig {
     /// Makes relative paths absolute against `base` (the config file's directory), so a config
     /// works from any working directory.
     pub fn resolve_paths(&mut self, base: &Path) {
-        use crate::config::resolve;
+        use crate::paths::resolve;
         self.train_file = resolve(base, &self.train_file);
         self.eval_file = self.eval_file.as_deref().map(|p| resolve(base, p));
         self.cache_dir = self.cache_dir.as_deref().map(|p| resolve(base, p));

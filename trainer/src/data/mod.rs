@@ -10,7 +10,6 @@
 
 pub mod batch;
 pub mod config;
-pub mod fixtures;
 pub mod inspect;
 pub mod records;
 pub mod sources;
@@ -261,6 +260,7 @@ fn build_split(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenizer::byte_level;
     use std::path::Path;
 
     fn config(dir: &Path, body: &str) -> DataConfig {
@@ -278,7 +278,7 @@ mod tests {
     }
 
     fn tokenizer(dir: &Path) -> ChatTokenizer {
-        fixtures::write_byte_level_tokenizer(&dir.join("model")).unwrap();
+        byte_level::write_byte_level_tokenizer(&dir.join("model")).unwrap();
         ChatTokenizer::from_model_dir(&dir.join("model"), None).unwrap()
     }
 
@@ -318,11 +318,11 @@ mod tests {
         let first = &train.pairs[0];
         assert_eq!(first.prompt_ids, tok.encode_prompt("hi").unwrap());
         let mut yes = tok.encode_text("yes").unwrap();
-        yes.push(fixtures::EOS_ID);
+        yes.push(byte_level::EOS_ID);
         assert_eq!(first.response_a_ids, yes);
         // The EOS already in the text is not doubled.
         let mut no = tok.encode_text("no").unwrap();
-        no.push(fixtures::EOS_ID);
+        no.push(byte_level::EOS_ID);
         assert_eq!(first.response_b_ids, no);
         assert_eq!(first.kind, PairKind::Conflict);
         assert_eq!(first.preferences, vec![Preference::A, Preference::B]);
@@ -415,7 +415,7 @@ mod tests {
         assert!(!again.files[0].from_cache);
         assert_eq!(
             again.train.pairs[0].response_b_ids,
-            vec![u32::from(b'c'), fixtures::EOS_ID]
+            vec![u32::from(b'c'), byte_level::EOS_ID]
         );
     }
 
@@ -443,9 +443,9 @@ mod tests {
         expected.extend([
             i64::from(b'n'),
             i64::from(b'o'),
-            i64::from(fixtures::EOS_ID),
+            i64::from(byte_level::EOS_ID),
         ]);
-        expected.resize(t, i64::from(fixtures::PAD_ID));
+        expected.resize(t, i64::from(byte_level::PAD_ID));
         assert_eq!(row, expected.as_slice());
         let mask_sum = |m: &[i64], r: usize| m[r * t..(r + 1) * t].iter().sum::<i64>();
         assert_eq!(mask_sum(&batch.response_mask, 3), 3);

@@ -13,9 +13,10 @@ use super::{
     SettingResult,
 };
 use crate::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
-use crate::config::{DeviceChoice, RunConfig};
+use crate::config::RunConfig;
 use crate::data::{self, PreferenceData, TokenizedPair};
 use crate::model;
+use crate::model::DeviceChoice;
 use crate::reference;
 use crate::tokenizer::ChatTokenizer;
 

@@ -10,16 +10,52 @@ pub mod llama;
 pub mod load;
 pub mod tiny;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub use adapter::{AdapterSpec, Conditioning, LoraGemms};
 pub use hf_config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{CausalLm, KvCache, TokenLayout};
 
-use crate::config::{DeviceChoice, DtypeChoice};
+/// Which device the model runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA device of this rank when a GPU is present, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Floating-point type of the frozen base weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeChoice {
+    /// f32 on CPU, bf16 on GPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// `[model]`: where the Hugging Face model directory is and how to run it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    pub path: PathBuf,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    #[serde(default)]
+    pub dtype: DtypeChoice,
+    /// A Jinja chat template that replaces the model's own.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+}
 
 /// The device a run uses: `auto` is CUDA device `local_rank` when a GPU is present.
 pub fn select_device(choice: DeviceChoice, local_rank: usize) -> Result<Device> {

@@ -1,4 +1,4 @@
-//! A tiny random Llama with the byte-level test tokenizer (`data::fixtures`): a model
+//! A tiny random Llama with the byte-level tokenizer (`tokenizer::byte_level`): a model
 //! directory the whole pipeline runs on in seconds on a CPU, for smoke runs, tests and demos
 //! where no pretrained model can be downloaded.
 
@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::hf_config::ModelConfig;
 use super::llama::parameter_shapes;
-use crate::data::fixtures::{write_byte_level_tokenizer, EOS_ID};
+use crate::tokenizer::byte_level::{write_byte_level_tokenizer, EOS_ID};
 
 /// Shape of the tiny model.
 #[derive(Debug, Clone)]

@@ -4,9 +4,10 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::Run;
+use super::run::Run;
 use crate::eval;
 use crate::method::Stage;
+use crate::step::StepOutcome;
 
 /// Rank 0 evaluates the held-out conflict pairs at the paper's settings (METHOD.md
 /// section 6): the `metrics.jsonl` line, on rank 0 when there is something to evaluate.
@@ -45,28 +46,27 @@ pub(super) fn evaluate_held_out(
     Some(json!({"stage": stage.number, "stage_name": stage.name, "step": step, "eval": record}))
 }
 
-/// One line of `metrics.jsonl`.
-#[allow(clippy::too_many_arguments)]
+/// One line of `metrics.jsonl`: the step's loss, learning rate, gradient norm, throughput and
+/// per-dimension rewards and accuracy.
 pub(super) fn metrics_record(
     stage: &Stage,
     epoch: usize,
     step: usize,
     lr: f64,
-    grad_norm: f64,
-    sums: &[f64],
+    outcome: &StepOutcome,
     dimensions: &[String],
-    tokens: i64,
     started: Instant,
 ) -> serde_json::Value {
+    let sums = &outcome.dimension_sums;
     let per_dimension: serde_json::Map<String, serde_json::Value> = dimensions
         .iter()
         .enumerate()
         .map(|(i, name)| {
             let (chosen, rejected, correct, count) = (
+                sums[4 * i],
                 sums[1 + 4 * i],
                 sums[2 + 4 * i],
                 sums[3 + 4 * i],
-                sums[4 + 4 * i],
             );
             let n = count.max(1.0);
             let value = json!({
@@ -85,10 +85,10 @@ pub(super) fn metrics_record(
         "stage_name": stage.name,
         "epoch": epoch,
         "step": step,
-        "loss": sums[0],
+        "loss": outcome.loss,
         "learning_rate": lr,
-        "grad_norm": grad_norm,
-        "tokens_per_second": tokens as f64 / seconds.max(1e-9),
+        "grad_norm": outcome.grad_norm,
+        "tokens_per_second": outcome.tokens as f64 / seconds.max(1e-9),
         "seconds": seconds,
         "dimensions": per_dimension,
     })

@@ -1,18 +1,113 @@
-//! Checkpoints from the loop's side: what a checkpoint of this run holds, whether one may
-//! resume it, and putting the optimizer back as it was.
+//! Checkpoints from the loop's side: the run directory of a new or resumed run, where a run
+//! starts, what a checkpoint of this run holds, whether one may resume it, and putting the
+//! optimizer back as it was.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tch::Tensor;
 
-use super::{Run, StagePosition};
-use crate::checkpoint::{self, TrainerState};
-use crate::config;
+use super::run::Run;
+use super::{Cluster, TrainOptions};
+use crate::checkpoint::{self, TrainerState, ADAPTERS_FILE};
+use crate::config::{self, RunConfig};
 use crate::method::Stage;
 use crate::optim::AdamW;
 use crate::reference;
+use crate::step::StepRunner;
 
-pub(super) fn data_fingerprint(run: &Run) -> String {
+/// Where a stage resumes within itself.
+pub(super) struct StagePosition {
+    pub step: usize,
+    pub epoch: usize,
+    pub pairs_into_epoch: usize,
+    optimizer: HashMap<String, Tensor>,
+    optimizer_steps: i64,
+    optimizer_params: Vec<String>,
+}
+
+/// A fresh run gets a new directory with its config (as given and resolved); a resumed one
+/// must find its run there.
+pub(super) fn open_run_dir(
+    config: &RunConfig,
+    config_text: &str,
+    options: &TrainOptions,
+    cluster: &Cluster,
+) -> Result<()> {
+    let run_dir = &config.train.output_dir;
+    if options.resume || options.resume_from_stage.is_some() {
+        if !run_dir.join("config.toml").is_file() {
+            bail!("nothing to resume: {} holds no run", run_dir.display());
+        }
+    } else if cluster.is_main() {
+        prepare_run_dir(run_dir)?;
+        std::fs::write(run_dir.join("config.toml"), config_text)?;
+        std::fs::write(
+            run_dir.join("resolved_config.json"),
+            serde_json::to_string_pretty(config)?,
+        )?;
+    }
+    cluster.barrier()
+}
+
+/// The checkpoint `options` ask to resume from, if any.
+fn resume_checkpoint(
+    options: &TrainOptions,
+    checkpoints: &Path,
+) -> Result<Option<(PathBuf, TrainerState)>> {
+    Ok(match (options.resume_from_stage, options.resume) {
+        (Some(1), _) => {
+            bail!("--resume-from-stage 1 is a fresh start: train into a new output_dir instead")
+        }
+        (Some(stage), _) => Some(checkpoint::stage_final_checkpoint(checkpoints, stage - 1)?),
+        (None, true) => Some(
+            checkpoint::latest_valid_checkpoint(checkpoints)?
+                .with_context(|| format!("no valid checkpoint in {}", checkpoints.display()))?,
+        ),
+        (None, false) => None,
+    })
+}
+
+/// The first stage to run and, when resuming inside it, the position: stage 1 from the start,
+/// or after the checkpoint `options` name (whose adapters are loaded into the run's model).
+pub(super) fn starting_point(
+    run: &Run,
+    options: &TrainOptions,
+    stages: usize,
+) -> Result<(usize, Option<StagePosition>)> {
+    let Some((dir, state)) = resume_checkpoint(options, &run.checkpoints)? else {
+        return Ok((1, None));
+    };
+    check_resumable(run, &state, &dir)?;
+    checkpoint::load_adapters(&dir.join(ADAPTERS_FILE), &run.loaded.adapters)?;
+    let (first_stage, position) = match state.stage_finished {
+        true => (state.stage + 1, None),
+        false => (
+            state.stage,
+            Some(StagePosition {
+                step: state.step,
+                epoch: state.epoch,
+                pairs_into_epoch: state.pairs_into_epoch,
+                optimizer: checkpoint::read_optimizer_state(&dir)?,
+                optimizer_steps: state.optimizer_steps,
+                optimizer_params: state.optimizer_params.clone(),
+            }),
+        ),
+    };
+    if first_stage > stages && options.resume_from_stage.is_some() {
+        bail!("the method has {stages} stages; there is no stage {first_stage}");
+    }
+    tracing::info!(checkpoint = %dir.display(), stage = first_stage, step = state.step, "resuming");
+    run.write_metrics(
+        &json!({"event": "resumed", "checkpoint": dir.display().to_string(),
+                              "stage": state.stage, "step": state.step}),
+    )?;
+    Ok((first_stage, position))
+}
+
+fn data_fingerprint(run: &Run) -> String {
     reference::cache_key(
         &run.loaded.fingerprint,
         run.loaded.model.kind(),
@@ -22,7 +117,7 @@ pub(super) fn data_fingerprint(run: &Run) -> String {
 
 /// A checkpoint resumes this run only if it was written for the same model, dimensions and
 /// result-relevant config; the error lists every difference.
-pub(super) fn check_resumable(run: &Run, state: &TrainerState, dir: &Path) -> Result<()> {
+fn check_resumable(run: &Run, state: &TrainerState, dir: &Path) -> Result<()> {
     let mut problems = Vec::new();
     if state.model_fingerprint != run.loaded.fingerprint {
         problems.push(format!(
@@ -54,7 +149,7 @@ pub(super) fn check_resumable(run: &Run, state: &TrainerState, dir: &Path) -> Re
 }
 
 /// A new run never writes into a directory that holds a previous run's files.
-pub(super) fn prepare_run_dir(dir: &Path) -> Result<()> {
+fn prepare_run_dir(dir: &Path) -> Result<()> {
     if dir.join("config.toml").exists() || dir.join("metrics.jsonl").exists() {
         bail!(
             "{} already holds a run: choose another train.output_dir",
@@ -72,9 +167,9 @@ pub(super) fn write_checkpoint(
     step: usize,
     stage_finished: bool,
     (epoch, pairs_into_epoch): (usize, usize),
-    optimizer: &AdamW,
-    param_names: &[String],
+    runner: &StepRunner,
 ) -> Result<()> {
+    let (optimizer, param_names) = (&runner.optimizer, &runner.param_names);
     if !run.cluster.is_main() {
         return run.cluster.barrier();
     }

@@ -1,4 +1,5 @@
-//! `[train]`: the optimisation settings and where the run is written, validated once.
+//! `[train]`: the optimisation settings and where the run is written, validated once. It is
+//! the run's own section, so it lives beside the run config that assembles the others.
 
 use std::path::PathBuf;
 

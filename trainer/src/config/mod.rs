@@ -1,59 +1,33 @@
 //! The run configuration: one TOML file, one serde struct per section, unknown keys refused,
 //! validated once at load time so the rest of the program can trust it.
 //!
-//! Each component owns its section's struct (`data::DataConfig`, ...); this module only
-//! assembles them and reports errors with the file and key.
+//! Each component owns its section's struct (`[model]` in `model`, `[data]` in `data`,
+//! `[method]` in `method`); this module assembles them with the run's own `[train]` section
+//! (`train.rs`: optimisation, run directory, checkpoints) and reports errors with the file and
+//! key.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// Which device the model runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// CUDA device of this rank when a GPU is present, else CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
+pub use train::TrainConfig;
 
-/// Floating-point type of the frozen base weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DtypeChoice {
-    /// f32 on CPU, bf16 on GPU.
-    #[default]
-    Auto,
-    F32,
-    Bf16,
-}
+use crate::data::DataConfig;
+use crate::method::MethodConfig;
+use crate::model::ModelSection;
+use crate::paths::resolve;
 
-/// `[model]`: where the Hugging Face model directory is and how to run it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    /// A Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
-    pub path: PathBuf,
-    #[serde(default)]
-    pub device: DeviceChoice,
-    #[serde(default)]
-    pub dtype: DtypeChoice,
-    /// A Jinja chat template that replaces the model's own.
-    #[serde(default)]
-    pub chat_template: Option<String>,
-}
+mod train;
 
 /// The whole run configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub model: ModelSection,
-    pub data: crate::data::DataConfig,
-    pub method: crate::method::MethodConfig,
-    pub train: crate::train::TrainConfig,
+    pub data: DataConfig,
+    pub method: MethodConfig,
+    pub train: TrainConfig,
 }
 
 impl RunConfig {
@@ -153,15 +127,6 @@ pub fn differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Stri
     let mut out = Vec::new();
     walk("", old, new, &mut out);
     out
-}
-
-/// `path` as written in a config file, made absolute against the file's directory.
-pub fn resolve(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
 }
 
 #[cfg(test)]

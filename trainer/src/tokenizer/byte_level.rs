@@ -1,5 +1,5 @@
-//! A tiny model directory holding only a tokenizer, for tests and demos of the data pipeline
-//! without downloading a model: byte-level BPE with no merges (one token per UTF-8 byte, so
+//! A byte-level tokenizer written into a model directory, for the tiny model, tests and demos
+//! that download nothing: byte-level BPE with no merges (one token per UTF-8 byte, so
 //! different texts always get different ids and a text's length in tokens is its length in
 //! bytes), three special tokens and a ChatML template.
 

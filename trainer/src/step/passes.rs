@@ -2,6 +2,9 @@
 //! and backward (gradients accumulate in the adapters' `.grad`), and the statistics the loop
 //! logs. The passes run either as one forward over replicated rows with per-row `w`, or pass
 //! by pass with a backward after each (less memory); both give the same gradients.
+//!
+//! What each pass's loss is comes from the plan ([`UnitPasses`], [`DrawnLoss::per_row`]); this
+//! file only runs the passes.
 
 use tch::{Kind, Tensor};
 
@@ -10,7 +13,7 @@ use crate::logps::{
     logps_from_hidden, pair_logps_from_hidden, per_row, sequence_logps, BatchTensors, RowLayout,
 };
 use crate::loss;
-use crate::method::StepPlan;
+use crate::method::{StepPlan, UnitPasses};
 use crate::model::{CausalLm, Conditioning};
 
 /// Divisors of a global batch's losses. They are computed from the whole global batch, which
@@ -88,21 +91,6 @@ pub struct StepContext<'a> {
     /// benchmark can measure what the joint forward saves.
     pub split_responses: bool,
     pub k: usize,
-}
-
-impl<'a> StepContext<'a> {
-    /// The training defaults: passes batched, no recomputation, joint forward.
-    pub fn new(model: &'a CausalLm, plan: StepPlan, beta: f64, k: usize) -> Self {
-        StepContext {
-            model,
-            plan,
-            beta,
-            batch_passes: true,
-            recompute_activations: false,
-            split_responses: false,
-            k,
-        }
-    }
 }
 
 /// w = 1_i for every row: [B, k]
@@ -202,6 +190,52 @@ fn forward_backward<R>(
     out
 }
 
+/// The losses of one micro-batch, from the rewards of its passes.
+struct MicroLosses<'a> {
+    ctx: &'a StepContext<'a>,
+    inputs: &'a MicroInputs<'a>,
+    norms: &'a Normalisers,
+}
+
+impl MicroLosses<'_> {
+    /// L_DPO,i of pass i at w = 1_i, this rank's share of the global batch's mean.
+    fn dimension(&self, i: usize, pass: &PassRewards) -> Tensor {
+        let preference = self.inputs.preferences.select(1, i as i64);
+        loss::dpo(&pass.margin(), &preference, self.ctx.beta).sum(Kind::Float)
+            * (self.norms.world_size / self.norms.preferred[i])
+    }
+
+    /// DPO at w = 0 on the preference every dimension with one shares (stage 1: they agree).
+    fn shared(&self, pass: &PassRewards) -> Tensor {
+        let shared = self
+            .inputs
+            .preferences
+            .sum_dim_intlist(1, false, Kind::Int64)
+            .sign();
+        loss::dpo(&pass.margin(), &shared, self.ctx.beta).sum(Kind::Float)
+            * (self.norms.world_size / self.norms.pairs)
+    }
+
+    /// The drawn pass's loss, given the unit passes' detached rewards.
+    fn drawn(&self, drawn: &PassRewards, unit: &[PassRewards]) -> Tensor {
+        let plan = self.ctx.plan.drawn.expect("this plan has a drawn pass");
+        let w = self
+            .inputs
+            .drawn_weights
+            .as_ref()
+            .expect("this plan draws weights");
+        let unit_margins: Vec<Tensor> = unit.iter().map(PassRewards::margin).collect();
+        let rows = plan.per_row(
+            &drawn.margin(),
+            &unit_margins,
+            &self.inputs.preferences,
+            w,
+            self.ctx.beta,
+        );
+        rows.sum(Kind::Float) * (self.norms.world_size / self.norms.pairs)
+    }
+}
+
 /// Runs the passes of one micro-batch, backpropagates its share of the step's loss and adds
 /// its statistics to `stats`. Nothing here waits on the device.
 pub fn accumulate(
@@ -211,110 +245,112 @@ pub fn accumulate(
     stats: &mut StepStats,
 ) {
     let t = inputs.tensors;
-    let (b, device, beta, k) = (t.pairs, t.input_ids.device(), ctx.beta, ctx.k);
-    let reference = (&inputs.reference_a, &inputs.reference_b);
-    stats.tokens += t.tokens * ctx.plan.passes(k) as i64;
-    let dimension_loss = |i: usize, pass: &PassRewards| {
-        loss::dpo(
-            &pass.margin(),
-            &inputs.preferences.select(1, i as i64),
-            beta,
-        )
-        .sum(Kind::Float)
-            * (norms.world_size / norms.preferred[i])
+    stats.tokens += t.tokens * ctx.plan.passes(ctx.k) as i64;
+    let losses = MicroLosses { ctx, inputs, norms };
+    let (loss, unit_passes) = match ctx.plan.unit {
+        UnitPasses::Shared => shared_pass(&losses),
+        UnitPasses::PerDimension if ctx.batch_passes => batched_passes(&losses),
+        UnitPasses::PerDimension => passes_one_by_one(&losses),
     };
-    let plan = ctx.plan;
-    let draws = plan.draws_weights();
-    // The last pass's loss at the drawn w: the KL to the teacher built from the unit passes'
-    // detached margins (curriculum stage 3), or linear scalarisation (Panacea).
-    let drawn_loss = |drawn: &PassRewards, unit: &[PassRewards]| -> Tensor {
-        let w = inputs
+    add_statistics(ctx, inputs, norms, &loss, &unit_passes, stats);
+}
+
+/// Stage 1: one pass at w = 0. Returns the loss and the pass's detached rewards, once per
+/// dimension (the statistics of every dimension are those of the one pass).
+fn shared_pass(losses: &MicroLosses) -> (Tensor, Vec<PassRewards>) {
+    let (ctx, inputs) = (losses.ctx, losses.inputs);
+    let reference = (&inputs.reference_a, &inputs.reference_b);
+    let (loss, pass) = forward_backward(ctx, inputs.tensors, Conditioning::SharedOnly, |a, b| {
+        let pass = PassRewards::new(reference, (a, b));
+        let loss = losses.shared(&pass);
+        (loss.shallow_clone(), (loss.detach(), pass.detach()))
+    });
+    (loss, (0..ctx.k).map(|_| pass.detach()).collect())
+}
+
+/// The weights of the passes: 1_i for each dimension, then the drawn ones if the plan draws.
+fn pass_weights(ctx: &StepContext, inputs: &MicroInputs) -> Vec<Tensor> {
+    let (b, device) = (inputs.tensors.pairs, inputs.tensors.input_ids.device());
+    let mut weights: Vec<Tensor> = (0..ctx.k)
+        .map(|i| unit_weights(b, ctx.k, i, device))
+        .collect();
+    if ctx.plan.draws_weights() {
+        let drawn = inputs
             .drawn_weights
             .as_ref()
             .expect("this plan draws weights");
-        let rows = match plan {
-            StepPlan::PerDimensionDpoAndKl => {
-                let margins: Vec<Tensor> = unit.iter().map(PassRewards::margin).collect();
-                let teacher = loss::teacher_logit(&Tensor::stack(&margins, 1), w, beta);
-                loss::bernoulli_kl(&teacher, &(drawn.margin() * beta))
-            }
-            _ => loss::linear_scalarisation(&drawn.margin(), &inputs.preferences, w, beta),
-        };
-        rows.sum(Kind::Float) * (norms.world_size / norms.pairs)
-    };
+        weights.push(drawn.shallow_clone());
+    }
+    weights
+}
 
-    let (loss, unit_passes): (Tensor, Vec<PassRewards>) = if plan == StepPlan::SharedDpo {
-        // Every dimension with a preference agrees: their sign is the pair's preference.
-        let shared = inputs
-            .preferences
-            .sum_dim_intlist(1, false, Kind::Int64)
-            .sign();
-        let (loss, pass) = forward_backward(ctx, t, Conditioning::SharedOnly, |a, b| {
+/// Every pass in one forward over replicated rows with per-row w.
+fn batched_passes(losses: &MicroLosses) -> (Tensor, Vec<PassRewards>) {
+    let (ctx, inputs) = (losses.ctx, losses.inputs);
+    let t = inputs.tensors;
+    let (b, k) = (t.pairs, ctx.k);
+    let reference = (&inputs.reference_a, &inputs.reference_b);
+    let weights = pass_weights(ctx, inputs);
+    let passes = weights.len() as i64;
+    let all_w = Tensor::cat(&weights, 0); // [P B, k]
+    let replicated = t.replicated(passes);
+    forward_backward(ctx, &replicated, Conditioning::Weighted(&all_w), |a, b_| {
+        let chunk = |x: &Tensor, p: i64| x.narrow(0, p * b, b);
+        let passes: Vec<PassRewards> = (0..passes)
+            .map(|p| PassRewards::new(reference, (chunk(&a, p), chunk(&b_, p))))
+            .collect();
+        let unit: Vec<PassRewards> = passes[..k].iter().map(PassRewards::detach).collect();
+        let mut loss = Tensor::zeros([], (Kind::Float, t.input_ids.device()));
+        for (i, pass) in passes[..k].iter().enumerate() {
+            loss += losses.dimension(i, pass);
+        }
+        if ctx.plan.draws_weights() {
+            loss += losses.drawn(&passes[k], &unit);
+        }
+        (loss.shallow_clone(), (loss.detach(), unit))
+    })
+}
+
+/// Pass by pass: a backward right after each forward frees its activations; the detached
+/// rewards are kept for the teacher of the last pass.
+fn passes_one_by_one(losses: &MicroLosses) -> (Tensor, Vec<PassRewards>) {
+    let (ctx, inputs) = (losses.ctx, losses.inputs);
+    let t = inputs.tensors;
+    let reference = (&inputs.reference_a, &inputs.reference_b);
+    let weights = pass_weights(ctx, inputs);
+    let mut total = Tensor::zeros([], (Kind::Float, t.input_ids.device()));
+    let mut unit = Vec::with_capacity(ctx.k);
+    for (i, w) in weights.iter().take(ctx.k).enumerate() {
+        let (l, pass) = forward_backward(ctx, t, Conditioning::Weighted(w), |a, b| {
             let pass = PassRewards::new(reference, (a, b));
-            let loss = loss::dpo(&pass.margin(), &shared, beta).sum(Kind::Float)
-                * (norms.world_size / norms.pairs);
-            (loss.shallow_clone(), (loss.detach(), pass.detach()))
+            let l = losses.dimension(i, &pass);
+            (l.shallow_clone(), (l.detach(), pass.detach()))
         });
-        (loss, (0..k).map(|_| pass.detach()).collect())
-    } else {
-        let mut weights: Vec<Tensor> = (0..k).map(|i| unit_weights(b, k, i, device)).collect();
-        if draws {
-            weights.push(
-                inputs
-                    .drawn_weights
-                    .as_ref()
-                    .expect("this plan draws weights")
-                    .shallow_clone(),
-            );
-        }
-        if ctx.batch_passes {
-            // All passes in one forward over replicated rows with per-row w.
-            let passes = weights.len() as i64;
-            let all_w = Tensor::cat(&weights, 0); // [P B, k]
-            let replicated = t.replicated(passes);
-            forward_backward(ctx, &replicated, Conditioning::Weighted(&all_w), |a, b_| {
-                let chunk = |x: &Tensor, p: i64| x.narrow(0, p * b, b);
-                let passes: Vec<PassRewards> = (0..passes)
-                    .map(|p| PassRewards::new(reference, (chunk(&a, p), chunk(&b_, p))))
-                    .collect();
-                let unit: Vec<PassRewards> = passes[..k].iter().map(PassRewards::detach).collect();
-                let mut loss = Tensor::zeros([], (Kind::Float, device));
-                for (i, pass) in passes[..k].iter().enumerate() {
-                    loss += dimension_loss(i, pass);
-                }
-                if draws {
-                    loss += drawn_loss(&passes[k], &unit);
-                }
-                (loss.shallow_clone(), (loss.detach(), unit))
-            })
-        } else {
-            // Pass by pass: a backward right after each forward frees its activations; the
-            // detached rewards are kept for the teacher of the last pass.
-            let mut total = Tensor::zeros([], (Kind::Float, device));
-            let mut unit = Vec::with_capacity(k);
-            for (i, w) in weights.iter().take(k).enumerate() {
-                let (l, pass) = forward_backward(ctx, t, Conditioning::Weighted(w), |a, b| {
-                    let pass = PassRewards::new(reference, (a, b));
-                    let l = dimension_loss(i, &pass);
-                    (l.shallow_clone(), (l.detach(), pass.detach()))
-                });
-                total += l;
-                unit.push(pass);
-            }
-            if draws {
-                let l = forward_backward(ctx, t, Conditioning::Weighted(&weights[k]), |a, b| {
-                    let l = drawn_loss(&PassRewards::new(reference, (a, b)), &unit);
-                    (l.shallow_clone(), l.detach())
-                });
-                total += l;
-            }
-            (total, unit)
-        }
-    };
+        total += l;
+        unit.push(pass);
+    }
+    if ctx.plan.draws_weights() {
+        let l = forward_backward(ctx, t, Conditioning::Weighted(&weights[ctx.k]), |a, b| {
+            let l = losses.drawn(&PassRewards::new(reference, (a, b)), &unit);
+            (l.shallow_clone(), l.detach())
+        });
+        total += l;
+    }
+    (total, unit)
+}
 
-    // Statistics at w = 1_i (w = 0 in stage 1) over the pairs where dimension i has a
-    // preference: implicit rewards beta * u of the response it prefers (chosen) and of the
-    // other (rejected), and whether the chosen one scores higher.
+/// Statistics at w = 1_i (w = 0 in stage 1) over the pairs where dimension i has a
+/// preference: implicit rewards beta * u of the response it prefers (chosen) and of the
+/// other (rejected), and whether the chosen one scores higher.
+fn add_statistics(
+    ctx: &StepContext,
+    inputs: &MicroInputs,
+    norms: &Normalisers,
+    loss: &Tensor,
+    unit_passes: &[PassRewards],
+    stats: &mut StepStats,
+) {
+    let beta = ctx.beta;
     let _no_grad = tch::no_grad_guard();
     let mut parts = vec![(loss.to_kind(Kind::Double) / norms.world_size).reshape([1])];
     for (i, pass) in unit_passes.iter().enumerate() {

@@ -1,0 +1,238 @@
+//! One optimizer step, the same code for training and the benchmark: collate this rank's
+//! micro-batches of a global batch -> the stage's passes and backward ([`passes`]) -> one
+//! all-reduce of the gradients -> clipping -> AdamW -> the step's metrics, reduced over ranks.
+//!
+//! The runner owns the stage's optimizer; the loop around it (`train`) decides which global
+//! batch comes next, the learning rate, and what happens between steps.
+
+mod passes;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use modpo_launcher::{Collective, Op};
+
+use crate::data::{collate, BatchPlan, MicroBatch, TokenizedPair};
+use crate::logps::{sequence_logps, BatchTensors, RowLayout};
+use crate::method::{Stage, WeightSampling};
+use crate::model::{CausalLm, Conditioning};
+use crate::optim::AdamW;
+use crate::reference::ReferenceLogps;
+
+use passes::{accumulate, MicroInputs, Normalisers, StepContext, StepStats};
+
+/// How the passes of a step run, and the settings of the optimizer around them.
+#[derive(Debug, Clone)]
+pub struct StepSettings {
+    /// DPO temperature beta.
+    pub beta: f64,
+    /// The passes of a step in one forward over replicated rows (else pass by pass).
+    pub batch_passes: bool,
+    /// Per-decoder-block activation recomputation ([`CausalLm::backward_recomputing`]).
+    pub recompute_activations: bool,
+    /// Responses a and b in separate forwards instead of one: never faster, kept so the
+    /// benchmark can measure what the joint forward saves.
+    pub split_responses: bool,
+    /// Both responses of a pair in one row after one copy of the prompt, or a row each.
+    pub row_layout: RowLayout,
+    /// Global gradient-norm clipping; 0 disables it.
+    pub max_grad_norm: f64,
+    /// AdamW's betas, epsilon and decoupled weight decay.
+    pub adam: (f64, f64, f64, f64),
+    /// Seed and sampling of the drawn weights ([`WeightSampling::draw`]).
+    pub seed: u64,
+    pub weight_sampling: WeightSampling,
+}
+
+/// Where the reference log-probs of a micro-batch come from.
+#[derive(Clone, Copy)]
+pub enum ReferenceSource<'a> {
+    /// Computed once per dataset (what training does).
+    Cached(&'a ReferenceLogps),
+    /// A forward with the adapters off in every step (the benchmark's ablation).
+    EveryStep,
+}
+
+/// What one step did, reduced over ranks.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    /// The step's loss (mean over the global batch).
+    pub loss: f64,
+    /// The gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Per dimension i, `sums[4 i .. 4 i + 4]`: the sums of chosen reward, rejected reward,
+    /// correctly ordered pairs, and the count of pairs with a preference.
+    pub dimension_sums: Vec<f64>,
+    /// Real tokens through the policy (rows x passes) on every rank.
+    pub tokens: i64,
+}
+
+/// Runs the optimizer steps of one stage.
+pub struct StepRunner<'a> {
+    model: &'a CausalLm,
+    stage: &'a Stage,
+    settings: StepSettings,
+    collective: &'a dyn Collective,
+    batch_plan: BatchPlan,
+    rank: usize,
+    k: usize,
+    pad_token_id: u32,
+    device: Device,
+    /// Names of the trainable tensors, in the optimizer's order.
+    pub param_names: Vec<String>,
+    pub optimizer: AdamW,
+}
+
+impl<'a> StepRunner<'a> {
+    /// Freezes what `stage` does not train and builds AdamW over the rest. `batch_plan` says
+    /// how a global batch splits over the ranks and micro-batches of this job.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: &'a CausalLm,
+        stage: &'a Stage,
+        settings: StepSettings,
+        collective: &'a dyn Collective,
+        batch_plan: BatchPlan,
+        rank: usize,
+        k: usize,
+        pad_token_id: u32,
+    ) -> Self {
+        let (param_names, params): (Vec<String>, Vec<Tensor>) =
+            stage.trainable.apply(model).into_iter().unzip();
+        let (beta1, beta2, eps, weight_decay) = settings.adam;
+        StepRunner {
+            model,
+            stage,
+            device: model.embedding_device(),
+            settings,
+            collective,
+            batch_plan,
+            rank,
+            k,
+            pad_token_id,
+            param_names,
+            optimizer: AdamW::new(params, beta1, beta2, eps, weight_decay),
+        }
+    }
+
+    /// One optimizer step over the global batch `global` (ids into `pairs`), the stage's
+    /// `step`-th (0-based, it seeds the drawn weights), at learning rate `lr`. A non-finite
+    /// loss or gradient norm is an error raised before the update.
+    pub fn step(
+        &mut self,
+        pairs: &[TokenizedPair],
+        global: &[usize],
+        reference: ReferenceSource,
+        step: usize,
+        lr: f64,
+    ) -> Result<StepOutcome> {
+        let (k, device) = (self.k, self.device);
+        let selected: Vec<&TokenizedPair> = global.iter().map(|&i| &pairs[i]).collect();
+        let norms = Normalisers::of(&selected, k, self.batch_plan.world_size);
+        let drawn = self.stage.step.draws_weights().then(|| {
+            self.settings.weight_sampling.draw(
+                self.settings.seed,
+                self.stage.number,
+                step,
+                global.len(),
+                k,
+            )
+        });
+        let context = StepContext {
+            model: self.model,
+            plan: self.stage.step,
+            beta: self.settings.beta,
+            batch_passes: self.settings.batch_passes,
+            recompute_activations: self.settings.recompute_activations,
+            split_responses: self.settings.split_responses,
+            k,
+        };
+        let mut stats = StepStats::new(k, device);
+        for micro in self.batch_plan.shard(global, self.rank) {
+            let micro_pairs: Vec<&TokenizedPair> = micro.iter().map(|&i| &pairs[i]).collect();
+            let batch = collate(&micro_pairs, self.pad_token_id);
+            let tensors = BatchTensors::with_layout(&batch, self.settings.row_layout, device);
+            let (reference_a, reference_b) = match reference {
+                ReferenceSource::Cached(cached) => cached.gather(&batch.pair_ids, device),
+                ReferenceSource::EveryStep => {
+                    tch::no_grad(|| sequence_logps(self.model, &tensors, Conditioning::Reference))
+                }
+            };
+            let inputs = MicroInputs {
+                tensors: &tensors,
+                reference_a,
+                reference_b,
+                preferences: Tensor::from_slice(&batch.preferences)
+                    .view([batch.pairs as i64, k as i64])
+                    .to_device(device),
+                drawn_weights: drawn
+                    .as_ref()
+                    .map(|w| micro_weights(w, global, &batch, k, device)),
+            };
+            accumulate(&context, &inputs, &norms, &mut stats);
+        }
+        self.update(stats, lr, step)
+    }
+
+    /// All-reduce of the gradients, clipping, the metrics reduced over ranks, then (if both
+    /// are finite) the AdamW update.
+    fn update(&mut self, stats: StepStats, lr: f64, step: usize) -> Result<StepOutcome> {
+        // One flat all-reduce per dtype of the gradients, then identical updates everywhere.
+        let mut grads: Vec<Tensor> = self.optimizer.params.iter().map(Tensor::grad).collect();
+        self.collective
+            .all_reduce_mean(&mut grads)
+            .context("all-reduce of the gradients")?;
+        let grad_norm = self.optimizer.clip_grad_norm(self.settings.max_grad_norm);
+        let mut sums =
+            Vec::<f64>::try_from(stats.sums.to_device(Device::Cpu).to_kind(Kind::Double))?;
+        sums.push(stats.tokens as f64);
+        self.collective
+            .all_reduce_f64(&mut sums, Op::Sum)
+            .context("reducing the step's metrics")?;
+        let tokens = sums.pop().unwrap_or(0.0) as i64;
+        let loss = sums[0];
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            bail!(
+                "stage {} step {step}: the loss is {loss} and the gradient norm {grad_norm}; \
+                 stopping before the update (the last checkpoint is left as it was)",
+                self.stage.number,
+            );
+        }
+        self.optimizer.step(lr);
+        self.optimizer.zero_grad();
+        Ok(StepOutcome {
+            loss,
+            grad_norm,
+            dimension_sums: sums.split_off(1),
+            tokens,
+        })
+    }
+}
+
+/// The drawn weights of a micro-batch's rows, looked up by each pair's position in the global
+/// batch (`drawn[j]` belongs to `global[j]`): [B, k]
+fn micro_weights(
+    drawn: &[Vec<f32>],
+    global: &[usize],
+    batch: &MicroBatch,
+    k: usize,
+    device: Device,
+) -> Tensor {
+    let rows: Vec<f32> = batch
+        .pair_ids
+        .iter()
+        .flat_map(|id| {
+            let position = global
+                .iter()
+                .position(|g| g == id)
+                .expect("pair of this batch");
+            drawn[position].clone()
+        })
+        .collect();
+    Tensor::from_slice(&rows)
+        .view([batch.pairs as i64, k as i64])
+        .to_device(device)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,220 @@
+//! What a run loads once for every stage (model, tokenizer, data, reference log-probs, the
+//! metrics file) and the loop's hooks that use it: the metrics lines, held-out evaluation and
+//! the stop signal.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use tch::Device;
+
+use modpo_launcher::Op;
+
+use super::records::{evaluate_held_out, metrics_record};
+use super::Cluster;
+use crate::checkpoint::{self, AdapterMeta};
+use crate::config::RunConfig;
+use crate::data::{self, PreferenceData};
+use crate::eval;
+use crate::method::Stage;
+use crate::model::{self, LoadedModel};
+use crate::reference::{self, ReferenceLogps};
+use crate::step::StepOutcome;
+use crate::tokenizer::ChatTokenizer;
+
+/// The run's model, data and reference log-probs, loaded once for every stage.
+pub(super) struct Run<'a> {
+    pub config: &'a RunConfig,
+    pub cluster: &'a Cluster<'a>,
+    pub device: Device,
+    pub loaded: LoadedModel,
+    pub tokenizer: ChatTokenizer,
+    pub data: PreferenceData,
+    pub reference: ReferenceLogps,
+    /// Rank 0 only.
+    pub metrics: Option<std::fs::File>,
+    pub meta: AdapterMeta,
+    pub checkpoints: PathBuf,
+    /// Held-out conflict pairs and their reference log-probs, on rank 0 when
+    /// `train.eval_every` > 0.
+    pub evaluation: Option<ReferenceLogps>,
+    /// Set by SIGTERM or SIGUSR1: stop at the next step boundary with a checkpoint.
+    stop: Arc<AtomicBool>,
+}
+
+impl<'a> Run<'a> {
+    /// Loads the tokenizer, data and model (fresh adapters seeded by `train.seed`), and the
+    /// reference log-probs of the training pairs (and of the held-out ones when evaluating).
+    pub fn load(config: &'a RunConfig, cluster: &'a Cluster<'a>) -> Result<Self> {
+        let stop = stop_on_signals()?;
+        let run_dir = &config.train.output_dir;
+        let device = model::select_device(config.model.device, cluster.topology.local_rank)?;
+        let kind = model::select_kind(config.model.dtype, device);
+        let tokenizer = ChatTokenizer::from_model_dir(
+            &config.model.path,
+            config.model.chat_template.as_deref(),
+        )?;
+        let data = data::load(&config.data, &tokenizer)?;
+        tracing::info!(
+            train_pairs = data.train.pairs.len(),
+            agree = data.train.agree().len(),
+            conflict = data.train.conflict().len(),
+            "data loaded"
+        );
+        let spec = config.method.adapter_spec(data.dimensions.len());
+        tch::manual_seed(config.train.seed as i64);
+        let loaded = model::load_model(&config.model.path, Some(&spec), device, kind)?;
+        let cache_dir = config
+            .data
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| run_dir.join("cache"));
+        let reference_of = |pairs: &[data::TokenizedPair]| {
+            reference::load_or_compute(
+                &cache_dir,
+                &loaded.fingerprint,
+                &loaded.model,
+                pairs,
+                config.data.micro_batch,
+                tokenizer.pad_token_id(),
+                device,
+            )
+        };
+        // Rank 0 computes (or finds) the reference log-probs and caches them; the other ranks
+        // read that cache after the barrier rather than compute the same numbers again.
+        let main_reference = match cluster.is_main() {
+            true => Some(reference_of(&data.train.pairs)?),
+            false => None,
+        };
+        cluster.barrier()?;
+        let (reference, cached) = match main_reference {
+            Some(found) => found,
+            None => reference_of(&data.train.pairs)?,
+        };
+        tracing::info!(cached, "reference log-probs ready");
+        let evaluation = match cluster.is_main() && config.train.eval_every > 0 {
+            true => {
+                if eval::conflict_pairs(&data.eval).is_empty() {
+                    tracing::warn!(
+                        "train.eval_every is set but the held-out split has no conflict pair"
+                    );
+                }
+                Some(reference_of(&data.eval.pairs)?.0)
+            }
+            false => None,
+        };
+        let metrics = match cluster.is_main() {
+            true => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(run_dir.join("metrics.jsonl"))?,
+            ),
+            false => None,
+        };
+        let meta = AdapterMeta::new(
+            &config.model.path,
+            &loaded.fingerprint,
+            &data.dimensions,
+            &spec,
+        );
+        Ok(Run {
+            config,
+            cluster,
+            device,
+            loaded,
+            tokenizer,
+            data,
+            reference,
+            metrics,
+            meta,
+            checkpoints: checkpoint::checkpoints_dir(run_dir),
+            evaluation,
+            stop,
+        })
+    }
+
+    /// Appends one line to `metrics.jsonl` (rank 0).
+    pub fn write_metrics(&self, record: &serde_json::Value) -> Result<()> {
+        if let Some(mut metrics) = self.metrics.as_ref() {
+            writeln!(metrics, "{record}")?;
+        }
+        Ok(())
+    }
+
+    /// The metrics line of an optimizer step.
+    pub fn record_step(
+        &self,
+        stage: &Stage,
+        epoch: usize,
+        step: usize,
+        lr: f64,
+        outcome: &StepOutcome,
+        started: Instant,
+    ) -> Result<()> {
+        let record = metrics_record(
+            stage,
+            epoch,
+            step,
+            lr,
+            outcome,
+            &self.data.dimensions,
+            started,
+        );
+        tracing::debug!(%record, "step");
+        self.write_metrics(&record)
+    }
+
+    /// Held-out conflict accuracy at the paper's settings into `metrics.jsonl` (rank 0).
+    pub fn record_evaluation(&self, stage: &Stage, step: usize) -> Result<()> {
+        match evaluate_held_out(self, stage, step) {
+            Some(record) => self.write_metrics(&record),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether any rank got SIGTERM / SIGUSR1: a signal to one rank stops every rank at this
+    /// same step.
+    pub fn stop_requested(&self) -> Result<bool> {
+        let mut stop_flag = [f64::from(u8::from(self.stop.load(Ordering::SeqCst)))];
+        self.cluster
+            .collective
+            .all_reduce_f64(&mut stop_flag, Op::Max)
+            .context("reducing the stop flag")?;
+        Ok(stop_flag[0] > 0.0)
+    }
+
+    /// The stage's progress bar (hidden on ranks other than 0), at `step` of `total_steps`.
+    pub fn progress_bar(
+        &self,
+        stage: &Stage,
+        total_steps: usize,
+        step: usize,
+    ) -> indicatif::ProgressBar {
+        let progress = indicatif::ProgressBar::new(total_steps as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "stage {msg} [{bar:30}] {pos}/{len} steps, {elapsed} < {eta}",
+            )
+            .expect("valid template"),
+        );
+        if !self.cluster.is_main() {
+            progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        progress.set_message(format!("{} {}", stage.number, stage.name));
+        progress.set_position(step as u64);
+        progress
+    }
+}
+
+/// SIGTERM or SIGUSR1 (SLURM's warning before the time limit) set the returned flag.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install signal handlers")?;
+    }
+    Ok(stop)
+}
