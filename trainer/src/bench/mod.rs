@@ -232,10 +232,31 @@ impl Bench {
         )
     }
 
+    /// Reference log-probs of the pairs of `batches`. Training caches them for every pair once
+    /// per run; the benchmark needs only these.
+    fn reference_of(
+        &self,
+        model: &CausalLm,
+        batches: &[Vec<usize>],
+        micro_batch: usize,
+    ) -> reference::ReferenceLogps {
+        let mut ids: Vec<usize> = batches.iter().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        reference::compute_for(
+            model,
+            &self.pairs,
+            &ids,
+            micro_batch,
+            self.pad_token_id,
+            self.options.device,
+        )
+    }
+
     /// Times one case; `micro_batch` pairs per step, each step through the training loop's
     /// [`StepRunner`] (collate, passes, all-reduce, clip, AdamW, metrics).
     fn run_case(&self, case: &Case, micro_batch: usize) -> Result<CaseResult> {
-        let (device, k, v) = (self.options.device, self.k, case.variant);
+        let (k, v) = (self.k, case.variant);
         let stage = stages(case.method)
             .into_iter()
             .find(|s| s.number == case.stage)
@@ -254,23 +275,9 @@ impl Bench {
                 self.options.warmup + self.options.steps
             );
         }
-        let reference = match v.reference_cache {
-            // Training caches them for every pair once per run; the benchmark needs only these.
-            true => {
-                let mut ids: Vec<usize> = batches.iter().flatten().copied().collect();
-                ids.sort_unstable();
-                ids.dedup();
-                Some(reference::compute_for(
-                    &model,
-                    &self.pairs,
-                    &ids,
-                    micro_batch,
-                    self.pad_token_id,
-                    device,
-                ))
-            }
-            false => None,
-        };
+        let reference = v
+            .reference_cache
+            .then(|| self.reference_of(&model, &batches, micro_batch));
         // Base weights that require gradients: what an unfrozen base costs in the backward.
         let base_params: Vec<Tensor> = base.trainable_variables();
         for p in base.variables().values() {

@@ -8,6 +8,7 @@ pub mod gguf_import;
 pub mod hf_config;
 pub mod llama;
 pub mod load;
+pub mod rotary;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};

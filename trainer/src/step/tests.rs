@@ -99,6 +99,47 @@ fn gradients(
     grads
 }
 
+/// The default execution (batched passes, shared prompt) and each alternative to compare with
+/// it: pass by pass, per-block activation recomputation (batched and pass by pass), a row per
+/// response (in one forward, in two, pass by pass).
+fn executions() -> (Execution, [Execution; 6]) {
+    let default = Execution {
+        batched: true,
+        recompute: false,
+        split: false,
+        shared_prompt: true,
+    };
+    let per_response_rows = Execution {
+        shared_prompt: false,
+        ..default
+    };
+    let alternatives = [
+        Execution {
+            batched: false,
+            ..default
+        },
+        Execution {
+            recompute: true,
+            ..default
+        },
+        Execution {
+            batched: false,
+            recompute: true,
+            ..default
+        },
+        per_response_rows,
+        Execution {
+            split: true,
+            ..per_response_rows
+        },
+        Execution {
+            batched: false,
+            ..per_response_rows
+        },
+    ];
+    (default, alternatives)
+}
+
 #[test]
 fn every_step_execution_gives_the_same_gradients() {
     let tmp = tempfile::tempdir().unwrap();
@@ -160,43 +201,7 @@ fn every_step_execution_gives_the_same_gradients() {
         );
     }
     let norms = Normalisers::of(&data.train.select(&ids), 2, 1);
-    let default = Execution {
-        batched: true,
-        recompute: false,
-        split: false,
-        shared_prompt: true,
-    };
-    // Each alternative execution against the default: pass by pass, per-block activation
-    // recomputation (batched and pass by pass), a row per response (in one forward, in two,
-    // pass by pass).
-    let per_response_rows = Execution {
-        shared_prompt: false,
-        ..default
-    };
-    let alternatives = [
-        Execution {
-            batched: false,
-            ..default
-        },
-        Execution {
-            recompute: true,
-            ..default
-        },
-        Execution {
-            batched: false,
-            recompute: true,
-            ..default
-        },
-        per_response_rows,
-        Execution {
-            split: true,
-            ..per_response_rows
-        },
-        Execution {
-            batched: false,
-            ..per_response_rows
-        },
-    ];
+    let (default, alternatives) = executions();
     let inputs = |execution: Execution| match execution.shared_prompt {
         true => &shared_inputs,
         false => &per_response_inputs,
