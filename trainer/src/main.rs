@@ -695,6 +695,7 @@ fn eval(
     let options = CompareOptions {
         runs,
         device,
+        dtype: None,
         micro_batch,
         bootstrap: Bootstrap {
             resamples,
