@@ -41,6 +41,7 @@ fn options(runs: Vec<PathBuf>) -> CompareOptions {
     CompareOptions {
         runs,
         device: None,
+        dtype: None,
         micro_batch: None,
         bootstrap: Bootstrap::default(),
     }

@@ -37,17 +37,6 @@ pub fn validate_weights(weights: &[f64], dimensions: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Parses `0.3,0.7` into numbers, naming the entry that is not one.
-pub fn parse_weights(text: &str) -> Result<Vec<f64>> {
-    text.split(',')
-        .map(|item| {
-            item.trim()
-                .parse::<f64>()
-                .with_context(|| format!("weight `{}` in `{text}` is not a number", item.trim()))
-        })
-        .collect()
-}
-
 /// Writes `adapter_config.json` and `adapter_model.safetensors` of the PEFT adapter for `w`.
 pub fn write_peft_adapter(
     model: &CausalLm,
@@ -202,8 +191,6 @@ mod tests {
         );
         let err = validate_weights(&[1.5, -0.5], &d).unwrap_err().to_string();
         assert!(err.contains("non-negative"), "{err}");
-        let err = parse_weights("0.3,x").unwrap_err().to_string();
-        assert!(err.contains("`x`"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod model;
 pub mod optim;
 pub mod paths;
 pub mod reference;
+pub mod saved_run;
 pub mod step;
 pub mod synth;
 pub mod tokenizer;

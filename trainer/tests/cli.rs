@@ -169,3 +169,33 @@ fn train_then_export_and_refuse_bad_weights_or_existing_output() {
         before
     );
 }
+
+#[test]
+fn device_and_dtype_are_spelled_the_same_in_every_subcommand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["export", "--run", dir, "--weights", "0.5,0.5", "--out", dir],
+        &["eval", "--run", dir],
+        &["generate", "--model", dir, "--prompt", "hi"],
+        &["bench"],
+    ];
+    for command in commands {
+        for (flag, values) in [
+            ("--device", "auto, cpu, cuda"),
+            ("--dtype", "auto, f32, bf16"),
+        ] {
+            if command[0] == "bench" && flag == "--dtype" {
+                continue; // the preset decides the benchmark's dtype
+            }
+            let mut args = command.to_vec();
+            args.extend([flag, "gpu"]);
+            let out = modpo(&args);
+            let err = stderr(&out);
+            assert!(
+                !out.status.success() && err.contains(&format!("possible values: {values}")),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}

@@ -1,7 +1,8 @@
-//! Comparing finished runs: each run directory (written by [`crate::train::train`]) is loaded
-//! from its `resolved_config.json` and final `adapters.safetensors`, its held-out conflict
-//! pairs are checked to be those of every other run, and each model is evaluated at the
-//! paper's settings in turn (one model in memory at a time).
+//! Comparing finished runs: each run directory (written by [`crate::train::train`]) is read
+//! with [`crate::saved_run::read_run`] (its `resolved_config.json`, final
+//! `adapters.safetensors` and tokenizer), its held-out conflict pairs are checked to be those
+//! of every other run, and each model is loaded ([`SavedRun::load_model`]) and evaluated at
+//! the paper's settings in turn (one model in memory at a time).
 
 use std::path::{Path, PathBuf};
 
@@ -12,17 +13,11 @@ use super::{
     conflict_pairs, evaluate, paper_settings, Batching, Bootstrap, MethodSummary, Setting,
     SettingResult,
 };
-use crate::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
 use crate::config::RunConfig;
 use crate::data::{self, PreferenceData, TokenizedPair};
-use crate::model;
-use crate::model::DeviceChoice;
+use crate::model::{DeviceChoice, DtypeChoice};
 use crate::reference;
-use crate::tokenizer::ChatTokenizer;
-
-/// The resolved config a run writes: the config with every path made absolute (the
-/// `config.toml` beside it keeps paths relative to where the original file was).
-pub const RESOLVED_CONFIG_FILE: &str = "resolved_config.json";
+use crate::saved_run::{self, SavedRun};
 
 /// What to compare and how.
 #[derive(Debug, Clone)]
@@ -31,6 +26,8 @@ pub struct CompareOptions {
     pub runs: Vec<PathBuf>,
     /// Device for every run instead of each run's `model.device`.
     pub device: Option<DeviceChoice>,
+    /// Weight dtype for every run instead of each run's `model.dtype`.
+    pub dtype: Option<DtypeChoice>,
     /// Pairs per micro-batch instead of each run's `data.micro_batch`.
     pub micro_batch: Option<usize>,
     pub bootstrap: Bootstrap,
@@ -63,54 +60,19 @@ pub struct Comparison {
     pub bootstrap: Bootstrap,
 }
 
-/// A run directory's config, adapters and data, before any model is loaded.
+/// A run directory read (config, adapter metadata, tokenizer) with its data, before any model
+/// is loaded.
 struct RunSetup {
-    dir: PathBuf,
-    config: RunConfig,
-    meta: AdapterMeta,
-    adapters: PathBuf,
-    tokenizer: ChatTokenizer,
+    run: SavedRun,
     data: PreferenceData,
 }
 
 fn load_setup(dir: &Path) -> Result<RunSetup> {
-    let config_path = dir.join(RESOLVED_CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).with_context(|| {
-        format!(
-            "cannot read {}: is {} a run directory written by `modpo-trainer train`?",
-            config_path.display(),
-            dir.display()
-        )
-    })?;
-    let config: RunConfig = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a run configuration", config_path.display()))?;
-    let adapters = dir.join(ADAPTERS_FILE);
-    let meta = checkpoint::read_adapter_meta(&adapters).with_context(|| {
-        format!(
-            "{} has no final adapters (did its training finish?)",
-            dir.display()
-        )
-    })?;
-    let tokenizer =
-        ChatTokenizer::from_model_dir(&config.model.path, config.model.chat_template.as_deref())?;
-    let data = data::load(&config.data, &tokenizer)
+    let run = saved_run::read_run(dir)?;
+    // The adapters' dimensions were checked against the config's, which the data carries.
+    let data = data::load(&run.config.data, &run.tokenizer)
         .with_context(|| format!("cannot load the data of run {}", dir.display()))?;
-    if data.dimensions != meta.dimensions {
-        bail!(
-            "{}: the adapters were trained on dimensions [{}] but the run's data has [{}]",
-            adapters.display(),
-            meta.dimensions.join(", "),
-            data.dimensions.join(", ")
-        );
-    }
-    Ok(RunSetup {
-        dir: dir.to_path_buf(),
-        config,
-        meta,
-        adapters,
-        tokenizer,
-        data,
-    })
+    Ok(RunSetup { run, data })
 }
 
 /// A digest of what evaluation reads from pairs: token ids, scores and source lines.
@@ -138,7 +100,7 @@ fn check_comparable(setups: &[RunSetup]) -> Result<()> {
     let first_pairs = conflict_pairs(&first.data.eval);
     let first_digest = pairs_digest(&first_pairs);
     for other in &setups[1..] {
-        let (a, b) = (first.dir.display(), other.dir.display());
+        let (a, b) = (first.run.dir.display(), other.run.dir.display());
         if other.data.dimensions != first.data.dimensions {
             bail!(
                 "runs {a} and {b} cannot be compared: their dimensions differ ([{}] vs [{}])",
@@ -167,17 +129,18 @@ fn check_comparable(setups: &[RunSetup]) -> Result<()> {
 
 /// Report labels: the method name, or `method (directory name)` for methods run twice.
 fn labels(setups: &[RunSetup]) -> Vec<String> {
-    let methods: Vec<String> = setups.iter().map(|s| method_name(&s.config)).collect();
+    let methods: Vec<String> = setups.iter().map(|s| method_name(&s.run.config)).collect();
     let mut labels: Vec<String> = methods
         .iter()
         .zip(setups)
         .map(|(method, setup)| {
             if methods.iter().filter(|m| *m == method).count() > 1 {
                 let dir = setup
+                    .run
                     .dir
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_else(|| setup.dir.display().to_string());
+                    .unwrap_or_else(|| setup.run.dir.display().to_string());
                 format!("{method} ({dir})")
             } else {
                 method.clone()
@@ -205,32 +168,16 @@ fn evaluate_run(
     settings: &[Setting],
     options: &CompareOptions,
 ) -> Result<Vec<SettingResult>> {
-    let config = &setup.config;
-    let device = model::select_device(options.device.unwrap_or(config.model.device), 0)?;
-    let kind = model::select_kind(config.model.dtype, device);
-    let loaded = model::load_model(
-        &setup.meta.model_path,
-        Some(&setup.meta.spec()),
-        device,
-        kind,
-    )?;
-    if loaded.fingerprint != setup.meta.model_fingerprint {
-        bail!(
-            "{} was trained on a different model than {} (fingerprints {} vs {})",
-            setup.adapters.display(),
-            setup.meta.model_path.display(),
-            setup.meta.model_fingerprint,
-            loaded.fingerprint
-        );
-    }
-    checkpoint::load_adapters(&setup.adapters, &loaded.adapters)?;
+    let run = &setup.run;
+    let config = &run.config;
+    let (loaded, device, _) = run.load_model(options.device, options.dtype)?;
     let micro_batch = options.micro_batch.unwrap_or(config.data.micro_batch);
-    let pad = setup.tokenizer.pad_token_id();
+    let pad = run.tokenizer.pad_token_id();
     let cache_dir = config
         .data
         .cache_dir
         .clone()
-        .unwrap_or_else(|| setup.dir.join("cache"));
+        .unwrap_or_else(|| run.dir.join("cache"));
     let (reference, cached) = reference::load_or_compute(
         &cache_dir,
         &loaded.fingerprint,
@@ -240,7 +187,7 @@ fn evaluate_run(
         pad,
         device,
     )?;
-    tracing::info!(run = %setup.dir.display(), cached, "reference log-probs of the eval split ready");
+    tracing::info!(run = %run.dir.display(), cached, "reference log-probs of the eval split ready");
     let pairs = conflict_pairs(&setup.data.eval);
     let k = setup.data.dimensions.len();
     let batching = Batching::like_training(micro_batch, k + 1, pad, device);
@@ -283,7 +230,7 @@ pub fn compare(options: &CompareOptions) -> Result<Comparison> {
         bail!(
             "the held-out split of {} has no conflict pair to evaluate ({} held-out pairs): \
              give data.eval_file or a larger data.eval_fraction",
-            first.dir.display(),
+            first.run.dir.display(),
             first.data.eval.pairs.len()
         );
     }
@@ -292,14 +239,14 @@ pub fn compare(options: &CompareOptions) -> Result<Comparison> {
     let mut runs = Vec::with_capacity(setups.len());
     let mut results = Vec::with_capacity(setups.len());
     for (setup, label) in setups.iter().zip(labels) {
-        tracing::info!(run = %setup.dir.display(), settings = settings.len(), pairs = conflict, "evaluating");
+        tracing::info!(run = %setup.run.dir.display(), settings = settings.len(), pairs = conflict, "evaluating");
         results.push(evaluate_run(setup, &settings, options)?);
         runs.push(RunInfo {
             label,
-            method: method_name(&setup.config),
-            run_dir: setup.dir.clone(),
-            model_path: setup.meta.model_path.clone(),
-            beta: setup.config.method.beta,
+            method: method_name(&setup.run.config),
+            run_dir: setup.run.dir.clone(),
+            model_path: setup.run.meta.model_path.clone(),
+            beta: setup.run.config.method.beta,
         });
     }
     let counted: Vec<usize> = (0..settings.len())

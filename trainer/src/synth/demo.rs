@@ -204,6 +204,7 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
     let compare = CompareOptions {
         runs: runs.clone(),
         device: None,
+        dtype: None,
         micro_batch: None,
         bootstrap: Bootstrap::default(),
     };
