@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{library_path_with, mpirun, nccl_link_dir, run_with_deadline, CHECK};
 
-/// NCCL set-up takes seconds; a hang must still fail.
-const LIMIT: Duration = Duration::from_secs(120);
+/// NCCL set-up takes seconds; this only keeps a hang from hanging the test.
+const LIMIT: Duration = Duration::from_secs(300);
 
 /// Points the check at torch's NCCL (cudarc opens `libnccl.so`, torch ships `libnccl.so.2`).
 fn with_nccl_link(command: &mut Command) {

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use modpo_tests::{shared_data_dir, write_tiny_model};
 use modpo_trainer::config::RunConfig;
-use modpo_trainer::data;
+use modpo_trainer::data::{self, TokenizedPair};
+use modpo_trainer::eval::report::Written;
 use modpo_trainer::eval::{self, conflict_pairs, Bootstrap, CompareOptions};
 use modpo_trainer::tokenizer::ChatTokenizer;
 use modpo_trainer::train::{train, Cluster};
@@ -70,6 +71,17 @@ fn three_methods_fifty_settings_win_rates_and_plots() {
 
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(&written.results_json).unwrap()).unwrap();
+    let (per_method_sum, scored) = check_settings(&json, tmp.path());
+    check_summary(&json, &per_method_sum, scored);
+    check_plots_and_table(&written, &out);
+    check_no_overwrite(&runs, &out, &written);
+    check_other_held_out_pairs_refused(tmp.path(), &runs);
+}
+
+/// The 50 settings against the held-out conflict pairs of the curriculum run's config in
+/// `tmp`: every setting's counts, and the sum of each method's accuracies over the settings
+/// that counted a pair, with their number.
+fn check_settings(json: &Value, tmp: &Path) -> ([f64; 3], usize) {
     let settings = json["settings"].as_array().unwrap();
     assert_eq!(settings.len(), 50, "C(5,2) pairs x 5 weights");
     let conflict = json["conflict_pairs"].as_u64().unwrap() as usize;
@@ -79,7 +91,7 @@ fn three_methods_fifty_settings_win_rates_and_plots() {
     );
 
     // The counted pairs of every setting, from the data and exact arithmetic.
-    let config = RunConfig::load(&tmp.path().join("curriculum.toml")).unwrap();
+    let config = RunConfig::load(&tmp.join("curriculum.toml")).unwrap();
     let tokenizer = ChatTokenizer::from_model_dir(&config.model.path, None).unwrap();
     let data = data::load(&config.data, &tokenizer).unwrap();
     let pairs = conflict_pairs(&data.eval);
@@ -88,72 +100,92 @@ fn three_methods_fifty_settings_win_rates_and_plots() {
     let mut per_method_sum = [0.0; 3];
     let mut scored = 0;
     for setting in settings {
-        let w: Vec<f64> = setting["weights"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        assert!(
-            (w.iter().sum::<f64>() - 1.0).abs() < 1e-12
-                && w.iter().filter(|&&x| x > 0.0).count() <= 2
-        );
-        let counted = setting["counted"].as_u64().unwrap() as usize;
-        let hand_counted = pairs
-            .iter()
-            .filter(|p| quarter_dot(&w, &p.scores_a) != quarter_dot(&w, &p.scores_b))
-            .count();
-        assert_eq!(counted, hand_counted, "w {w:?}");
-        assert_eq!(
-            counted + setting["ties"].as_u64().unwrap() as usize,
-            conflict
-        );
-
-        let results = setting["results"].as_array().unwrap();
-        let labels: Vec<&str> = results
-            .iter()
-            .map(|r| r["label"].as_str().unwrap())
-            .collect();
-        assert_eq!(labels, METHODS, "three methods per setting, in run order");
-        if counted == 0 {
-            continue;
+        if let Some(accuracies) = check_setting(setting, &pairs) {
+            scored += 1;
+            for (sum, accuracy) in per_method_sum.iter_mut().zip(accuracies) {
+                *sum += accuracy;
+            }
         }
-        scored += 1;
-        let correct: Vec<u64> = results
-            .iter()
-            .map(|r| r["correct"].as_u64().unwrap())
-            .collect();
-        for (m, r) in results.iter().enumerate() {
-            let accuracy = r["accuracy"].as_f64().unwrap();
-            // (JSON numbers parse back to within an ulp.)
-            assert!((accuracy - correct[m] as f64 / counted as f64).abs() < 1e-12);
-            let interval = r["interval"].as_array().unwrap();
-            let (low, high) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
-            assert!(
-                0.0 <= low && low <= accuracy && accuracy <= high && high <= 1.0,
-                "{r}"
-            );
-            per_method_sum[m] += accuracy;
-        }
-        let best = *correct.iter().max().unwrap();
-        let winners: Vec<&str> = setting["winners"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap())
-            .collect();
-        let expected: Vec<&str> = METHODS
-            .iter()
-            .zip(&correct)
-            .filter(|(_, &c)| c == best)
-            .map(|(m, _)| *m)
-            .collect();
-        assert_eq!(winners, expected);
     }
     // The vertex 1_0 appears in pairs (0,1) and (0,2): the same w, the same results.
     assert_eq!(settings[0]["weights"], settings[5]["weights"]);
     assert_eq!(settings[0]["results"], settings[5]["results"]);
+    (per_method_sum, scored)
+}
 
+/// One setting: its weights, counted pairs and ties, and (when it counted any pair) every
+/// method's accuracy, interval and the winners; returns the accuracies in that case.
+fn check_setting(setting: &Value, pairs: &[&TokenizedPair]) -> Option<[f64; 3]> {
+    let w: Vec<f64> = setting["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(
+        (w.iter().sum::<f64>() - 1.0).abs() < 1e-12 && w.iter().filter(|&&x| x > 0.0).count() <= 2
+    );
+    let counted = setting["counted"].as_u64().unwrap() as usize;
+    let hand_counted = pairs
+        .iter()
+        .filter(|p| quarter_dot(&w, &p.scores_a) != quarter_dot(&w, &p.scores_b))
+        .count();
+    assert_eq!(counted, hand_counted, "w {w:?}");
+    assert_eq!(
+        counted + setting["ties"].as_u64().unwrap() as usize,
+        pairs.len()
+    );
+
+    let results = setting["results"].as_array().unwrap();
+    let labels: Vec<&str> = results
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, METHODS, "three methods per setting, in run order");
+    if counted == 0 {
+        return None;
+    }
+    let correct: Vec<u64> = results
+        .iter()
+        .map(|r| r["correct"].as_u64().unwrap())
+        .collect();
+    let mut accuracies = [0.0; 3];
+    for (m, r) in results.iter().enumerate() {
+        let accuracy = r["accuracy"].as_f64().unwrap();
+        // (JSON numbers parse back to within an ulp.)
+        assert!((accuracy - correct[m] as f64 / counted as f64).abs() < 1e-12);
+        let interval = r["interval"].as_array().unwrap();
+        let (low, high) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
+        assert!(
+            0.0 <= low && low <= accuracy && accuracy <= high && high <= 1.0,
+            "{r}"
+        );
+        accuracies[m] = accuracy;
+    }
+    check_winners(setting, &correct);
+    Some(accuracies)
+}
+
+/// The winners of a setting: every method with the most correct pairs, in run order.
+fn check_winners(setting: &Value, correct: &[u64]) {
+    let best = *correct.iter().max().unwrap();
+    let winners: Vec<&str> = setting["winners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = METHODS
+        .iter()
+        .zip(correct)
+        .filter(|(_, &c)| c == best)
+        .map(|(m, _)| *m)
+        .collect();
+    assert_eq!(winners, expected);
+}
+
+/// Win rates summing to 1, and each method's mean accuracy over the `scored` settings.
+fn check_summary(json: &Value, per_method_sum: &[f64; 3], scored: usize) {
     let summary = json["summary"].as_array().unwrap();
     assert_eq!(summary.len(), 3);
     let total: f64 = summary
@@ -169,10 +201,12 @@ fn three_methods_fifty_settings_win_rates_and_plots() {
         );
     }
     assert_eq!(json["per_dimension"].as_array().unwrap().len(), 5);
+}
 
-    // One figure per dimension pair, each a PNG.
+/// One figure per dimension pair, each a PNG, and the Markdown table.
+fn check_plots_and_table(written: &Written, out: &Path) {
     assert_eq!(written.plots.len(), 10);
-    let pngs: Vec<PathBuf> = std::fs::read_dir(&out)
+    let pngs: Vec<PathBuf> = std::fs::read_dir(out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
@@ -189,18 +223,23 @@ fn three_methods_fifty_settings_win_rates_and_plots() {
     assert!(out.join("accuracy-helpfulness-correctness.png").is_file());
     let md = std::fs::read_to_string(&written.results_md).unwrap();
     assert!(md.contains("Table 2") && md.contains("dpo-soup") && md.lines().count() > 50);
+}
 
-    // Results already there are not overwritten without --force.
+/// Results already there are not overwritten without --force.
+fn check_no_overwrite(runs: &[PathBuf], out: &Path, written: &Written) {
     let before = std::fs::read(&written.results_json).unwrap();
-    let err = eval::evaluate_runs(&options(runs.clone()), &out, false).unwrap_err();
+    let err = eval::evaluate_runs(&options(runs.to_vec()), out, false).unwrap_err();
     assert!(
         format!("{err:#}").contains("already holds evaluation results"),
         "{err:#}"
     );
     assert_eq!(std::fs::read(&written.results_json).unwrap(), before);
+}
 
-    // A run whose held-out pairs differ (another max_length) cannot be compared.
-    let other = tmp.path().join("run-other");
+/// A run whose held-out pairs differ (another max_length) cannot be compared, and nothing is
+/// written for the refused comparison.
+fn check_other_held_out_pairs_refused(tmp: &Path, runs: &[PathBuf]) {
+    let other = tmp.join("run-other");
     std::fs::create_dir_all(&other).unwrap();
     for file in ["resolved_config.json", "adapters.safetensors"] {
         std::fs::copy(runs[1].join(file), other.join(file)).unwrap();
@@ -212,7 +251,7 @@ fn three_methods_fifty_settings_win_rates_and_plots() {
     std::fs::write(&resolved, value.to_string()).unwrap();
     let err = eval::evaluate_runs(
         &options(vec![runs[0].clone(), other]),
-        &tmp.path().join("eval-2"),
+        &tmp.join("eval-2"),
         false,
     )
     .unwrap_err();
@@ -223,7 +262,7 @@ fn three_methods_fifty_settings_win_rates_and_plots() {
         "{message}"
     );
     assert!(
-        !tmp.path().join("eval-2").exists(),
+        !tmp.join("eval-2").exists(),
         "nothing written for a refused comparison"
     );
 }

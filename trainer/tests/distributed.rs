@@ -2,36 +2,23 @@
 //! the accumulation steps and the same global batch, and both ranks hold bit-identical
 //! adapters after every step (`train.check_replicas_every = 1` fails the run otherwise).
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, Output};
+mod support;
 
-use tch::Tensor;
+use std::process::Command;
+use std::time::Duration;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_modpo-trainer")
-}
+use support::{assert_success, bin, final_adapters, modpo, stderr, tiny_model, Job, TrainToml};
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).to_string()
-}
-
-fn config(dir: &Path, output: &str, method: &str) -> String {
-    let sample = format!(
-        "{}/../../shared/data/pku_saferlhf_sample.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = format!(
-        "[model]\npath = \"model\"\ndevice = \"cpu\"\n\
-         [data]\nformat = \"pku-saferlhf\"\ntrain_file = \"{sample}\"\neval_fraction = 0.0\n\
-         max_length = 96\nglobal_batch = 8\nmicro_batch = 4\ncache_dir = \"cache-{output}\"\n\
-         [method]\nname = \"{method}\"\nbeta = 0.1\n\
-         [train]\noutput_dir = \"{output}\"\nlearning_rate = 5e-3\nwarmup_ratio = 0.1\nmax_steps = 4\n\
-         check_replicas_every = 1\n"
-    );
-    let path = dir.join(format!("{output}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
+/// `method` for 4 steps of 8 pairs in 4-pair micro-batches into `output`, with a replica check
+/// after every step.
+fn config(output: &str, method: &str) -> TrainToml {
+    TrainToml {
+        method: method.into(),
+        output_dir: output.into(),
+        cache_dir: Some(format!("cache-{output}")),
+        train_extra: "check_replicas_every = 1\n".into(),
+        ..TrainToml::default()
+    }
 }
 
 /// `mpirun -np 2 modpo-trainer train --config CONFIG` on this machine (as root, oversubscribed).
@@ -50,35 +37,16 @@ fn train_on_two_ranks(config: &str) -> Command {
     command
 }
 
-fn tiny_model(dir: &Path) {
-    let out = Command::new(bin())
-        .args(["tiny-model", "--out", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
-fn adapters(run: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(run.join("adapters.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
 fn two_ranks_equal_one_rank(method: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    tiny_model(&tmp.path().join("model"));
+    tiny_model(&tmp.path().join("model"), 0);
 
     // One rank: 8 pairs per step = 4 x 2 accumulation steps.
-    let single = config(tmp.path(), "single", method);
-    let out = Command::new(bin())
-        .args(["train", "--config", &single])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let single = config("single", method).write(&tmp.path().join("single.toml"));
+    assert_success(&modpo(&["train", "--config", &single]));
 
     // Two ranks: 8 pairs per step = 4 x 1 x 2 ranks.
-    let double = config(tmp.path(), "double", method);
+    let double = config("double", method).write(&tmp.path().join("double.toml"));
     let out = train_on_two_ranks(&double)
         .output()
         .expect("mpirun is installed by `make setup`");
@@ -89,8 +57,8 @@ fn two_ranks_equal_one_rank(method: &str) {
     );
 
     let (a, b) = (
-        adapters(&tmp.path().join("single")),
-        adapters(&tmp.path().join("double")),
+        final_adapters(&tmp.path().join("single")),
+        final_adapters(&tmp.path().join("double")),
     );
     // The two runs add the same micro-batch gradients in a different order (two backwards
     // into `.grad` on one rank, an all-reduce across two), so they agree to float rounding.
@@ -123,68 +91,53 @@ fn panacea_on_two_mpi_ranks_equals_one_rank() {
     two_ranks_equal_one_rank("panacea");
 }
 
-/// SIGKILL to one rank of `mpirun -np 2 ... train` ends the whole job, non-zero, in seconds
-/// (the surviving rank must not wait forever in its next all-reduce).
-#[test]
-fn killing_one_rank_ends_the_job() {
-    use std::time::{Duration, Instant};
-    let tmp = tempfile::tempdir().unwrap();
-    tiny_model(&tmp.path().join("model"));
-    let text = std::fs::read_to_string(config(tmp.path(), "killed", "curriculum"))
-        .unwrap()
-        .replace("max_steps = 4", "max_steps = 100000\nepochs = 50");
-    let path = tmp.path().join("killed.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut job = train_on_two_ranks(path.to_str().unwrap())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until training runs (metrics appear), then kill one rank.
-    let started = Instant::now();
-    while std::fs::read_to_string(tmp.path().join("killed/metrics.jsonl"))
-        .map(|m| m.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(
-            job.try_wait().unwrap().is_none(),
-            "the job ended before training started"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The pids of the `modpo-trainer` ranks `mpirun` (process `job`) started.
+fn ranks_of(job: &Job) -> Vec<String> {
     let ranks = Command::new("pgrep")
         .args(["-P", &job.id().to_string(), "-f", "modpo-trainer"])
         .output()
         .unwrap();
-    let pids: Vec<String> = String::from_utf8_lossy(&ranks.stdout)
+    String::from_utf8_lossy(&ranks.stdout)
         .split_whitespace()
         .map(String::from)
-        .collect();
+        .collect()
+}
+
+/// SIGKILL to one rank of `mpirun -np 2 ... train` ends the whole job, non-zero, with mpirun
+/// naming the signal: the surviving rank must not wait forever in its next all-reduce. (How
+/// soon is not asserted, it depends on the machine's load; a job still running after
+/// `support::PATIENCE` fails the test as hung.)
+#[test]
+fn killing_one_rank_ends_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_model(&tmp.path().join("model"), 0);
+    let path = TrainToml {
+        max_steps: 100000,
+        train_extra: "epochs = 50\ncheck_replicas_every = 1\n".into(),
+        ..config("killed", "curriculum")
+    }
+    .write(&tmp.path().join("killed.toml"));
+    let mut job = Job::spawn(train_on_two_ranks(&path));
+    // Wait until training runs (metrics appear), then kill one rank.
+    let metrics = tmp.path().join("killed/metrics.jsonl");
+    job.wait_until("training started", Duration::from_millis(50), || {
+        std::fs::read_to_string(&metrics)
+            .map(|m| m.lines().count())
+            .unwrap_or(0)
+            >= 2
+    });
+    let pids = ranks_of(&job);
     assert_eq!(pids.len(), 2, "two ranks under mpirun: {pids:?}");
     assert!(Command::new("kill")
         .args(["-KILL", &pids[1]])
         .status()
         .unwrap()
         .success());
-    let killed_at = Instant::now();
-    loop {
-        if let Some(status) = job.try_wait().unwrap() {
-            assert!(!status.success(), "the job must fail");
-            break;
-        }
-        if killed_at.elapsed() > Duration::from_secs(30) {
-            let _ = job.kill();
-            panic!("the job still ran 30 s after one rank was killed");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!(
-        "job ended {:.1} s after the kill",
-        killed_at.elapsed().as_secs_f64()
+    let end = job.finish();
+    assert!(!end.status.success(), "the job must fail: {end:?}");
+    assert!(
+        end.stderr.contains("signal 9"),
+        "mpirun names the killed rank's signal:\n{}",
+        end.stderr
     );
 }

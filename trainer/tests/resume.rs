@@ -2,69 +2,39 @@
 //! a run killed with SIGKILL inside stage 2, stopped with SIGTERM, restarted from stage 3, or
 //! resumed past a corrupted checkpoint ends with exactly the adapters of an uninterrupted run.
 
+mod support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use support::{assert_success, final_adapters, modpo, stderr, tiny_model, Job, TrainToml};
 use tch::Tensor;
 
-fn modpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modpo-trainer"))
-        .args(args)
-        .output()
-        .expect("run modpo-trainer")
+/// The runs of this file: 12 steps into `run` with a checkpoint after each, the 3 newest kept.
+fn run_toml() -> TrainToml {
+    TrainToml {
+        max_length: 192,
+        learning_rate: 2e-3,
+        max_steps: 12,
+        train_extra: "checkpoint_every = 1\nkeep_checkpoints = 3\n".into(),
+        ..TrainToml::default()
+    }
 }
 
-fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_modpo-trainer"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run modpo-trainer")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).to_string()
-}
-
-/// A directory with the tiny model, training data and a config writing to `run`.
-fn workspace(dir: &Path, extra_train: &str) -> String {
+/// A directory with the tiny model and `toml` in `run.toml`; returns the config's path.
+fn workspace_with(dir: &Path, toml: &TrainToml) -> String {
     std::fs::create_dir_all(dir).unwrap();
     if !dir.join("model").exists() {
-        let out = modpo(&[
-            "tiny-model",
-            "--out",
-            dir.join("model").to_str().unwrap(),
-            "--seed",
-            "3",
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        tiny_model(&dir.join("model"), 3);
     }
-    let sample = format!(
-        "{}/../../shared/data/pku_saferlhf_sample.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = format!(
-        "[model]\npath = \"model\"\ndevice = \"cpu\"\n\
-         [data]\nformat = \"pku-saferlhf\"\ntrain_file = \"{sample}\"\neval_fraction = 0.0\n\
-         max_length = 192\nglobal_batch = 8\nmicro_batch = 4\n\
-         [method]\nname = \"curriculum\"\nbeta = 0.1\n\
-         [train]\noutput_dir = \"run\"\nlearning_rate = 2e-3\nwarmup_ratio = 0.1\nmax_steps = 12\n\
-         checkpoint_every = 1\nkeep_checkpoints = 3\n{extra_train}"
-    );
-    let path = dir.join("run.toml");
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
+    toml.write(&dir.join("run.toml"))
 }
 
-fn final_adapters(run: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(run.join("adapters.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect()
+/// A directory with the tiny model and the config of `run_toml`.
+fn workspace(dir: &Path) -> String {
+    workspace_with(dir, &run_toml())
 }
 
 fn assert_same_adapters(got: &HashMap<String, Tensor>, expected: &HashMap<String, Tensor>) {
@@ -84,9 +54,8 @@ fn reference() -> (PathBuf, HashMap<String, Tensor>) {
         let dir =
             std::env::temp_dir().join(format!("modpo-resume-reference-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let config = workspace(&dir, "");
-        let out = modpo(&["train", "--config", &config]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        let config = workspace(&dir);
+        assert_success(&modpo(&["train", "--config", &config]));
         dir
     });
     (dir.clone(), final_adapters(&dir.join("run")))
@@ -96,46 +65,32 @@ fn latest(run: &Path) -> String {
     std::fs::read_to_string(run.join("checkpoints/latest")).unwrap_or_default()
 }
 
-/// Waits until the run's latest checkpoint is a step inside stage 2.
-fn wait_for_stage_2(child: &mut Child, run: &Path) {
-    let started = Instant::now();
-    while !latest(run).starts_with("stage-2-step-") {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before stage 2 was reached"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "stage 2 not reached in 5 minutes"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Starts a run in `dir` and returns once it has checkpointed inside stage 2:
-/// (config path, run directory, the running process).
-fn start_and_reach_stage_2(dir: &Path) -> (String, PathBuf, Child) {
-    let config = workspace(dir, "");
+/// Starts a run in `dir` and returns once it has checkpointed inside stage 2 (polling often:
+/// a stage lasts a few steps): (config path, run directory, the running job).
+fn start_and_reach_stage_2(dir: &Path) -> (String, PathBuf, Job) {
+    let config = workspace(dir);
     let run = dir.join("run");
-    let mut child = spawn(&["train", "--config", &config]);
-    wait_for_stage_2(&mut child, &run);
-    (config, run, child)
+    let mut job = Job::modpo(&["train", "--config", &config]);
+    job.wait_until(
+        "a checkpoint inside stage 2",
+        Duration::from_millis(2),
+        || latest(&run).starts_with("stage-2-step-"),
+    );
+    (config, run, job)
 }
 
 #[test]
 fn kill_9_inside_stage_2_then_resume_equals_uninterrupted_run() {
     let (_, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let (config, run, mut child) = start_and_reach_stage_2(tmp.path());
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let (config, run, job) = start_and_reach_stage_2(tmp.path());
+    job.kill(); // SIGKILL
     assert!(
         !run.join("adapters.safetensors").exists(),
         "killed before the end"
     );
 
-    let out = modpo(&["train", "--config", &config, "--resume"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_success(&modpo(&["train", "--config", &config, "--resume"]));
     assert_same_adapters(&final_adapters(&run), expected);
 }
 
@@ -143,27 +98,22 @@ fn kill_9_inside_stage_2_then_resume_equals_uninterrupted_run() {
 fn sigterm_checkpoints_exits_zero_and_resumes_exactly() {
     let (_, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let (config, run, child) = start_and_reach_stage_2(tmp.path());
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let (config, run, job) = start_and_reach_stage_2(tmp.path());
+    job.signal("TERM");
+    let end = job.finish();
     assert!(
-        out.status.success(),
+        end.status.success(),
         "SIGTERM ends the job cleanly: {}",
-        stderr(&out)
+        end.stderr
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
+    assert!(end.stdout.contains("--resume"));
     assert!(
         latest(&run).starts_with("stage-2-step-") || latest(&run).starts_with("stage-3-step-"),
         "{}",
         latest(&run)
     );
 
-    let out = modpo(&["train", "--config", &config, "--resume"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_success(&modpo(&["train", "--config", &config, "--resume"]));
     assert_same_adapters(&final_adapters(&run), expected);
 }
 
@@ -184,7 +134,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn resume_from_stage_3_equals_full_run() {
     let (reference_dir, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let config = workspace(tmp.path(), "");
+    let config = workspace(tmp.path());
     let run = tmp.path().join("run");
     copy_dir(&reference_dir.join("run"), &run);
     // Keep stages 1 and 2 only.
@@ -200,8 +150,13 @@ fn resume_from_stage_3_equals_full_run() {
             std::fs::remove_dir_all(path).unwrap();
         }
     }
-    let out = modpo(&["train", "--config", &config, "--resume-from-stage", "3"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert_success(&modpo(&[
+        "train",
+        "--config",
+        &config,
+        "--resume-from-stage",
+        "3",
+    ]));
     assert_same_adapters(&final_adapters(&run), expected);
 }
 
@@ -209,9 +164,8 @@ fn resume_from_stage_3_equals_full_run() {
 fn corrupted_and_half_written_checkpoints_fall_back_to_the_previous_one() {
     let (_, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let (config, run, mut child) = start_and_reach_stage_2(tmp.path());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let (config, run, job) = start_and_reach_stage_2(tmp.path());
+    job.kill();
 
     // The newest checkpoint loses a byte, and a write died half-way (kill -9 during a write
     // leaves only a temporary directory behind).
@@ -241,12 +195,12 @@ fn a_checkpoint_of_another_config_is_refused_with_the_differences() {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&reference_dir.join("run"), &tmp.path().join("run"));
     std::fs::remove_file(tmp.path().join("run/adapters.safetensors")).unwrap();
-    let config = workspace(tmp.path(), "");
-    let changed = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("learning_rate = 2e-3", "learning_rate = 1e-3")
-        .replace("beta = 0.1", "beta = 0.2");
-    std::fs::write(&config, changed).unwrap();
+    let changed = TrainToml {
+        learning_rate: 1e-3,
+        beta: 0.2,
+        ..run_toml()
+    };
+    let config = workspace_with(tmp.path(), &changed);
     let out = modpo(&["train", "--config", &config, "--resume-from-stage", "3"]);
     let log = stderr(&out);
     assert!(!out.status.success());
@@ -257,13 +211,18 @@ fn a_checkpoint_of_another_config_is_refused_with_the_differences() {
     );
 
     // A different split of the same global batch is allowed.
-    let config = workspace(tmp.path(), "");
-    let split = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("micro_batch = 4", "micro_batch = 2");
-    std::fs::write(&config, split).unwrap();
-    let out = modpo(&["train", "--config", &config, "--resume-from-stage", "3"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let split = TrainToml {
+        micro_batch: 2,
+        ..run_toml()
+    };
+    let config = workspace_with(tmp.path(), &split);
+    assert_success(&modpo(&[
+        "train",
+        "--config",
+        &config,
+        "--resume-from-stage",
+        "3",
+    ]));
 }
 
 /// The chain of slurm/stage.sbatch: one process per stage, each ending with --until-stage.
@@ -271,7 +230,7 @@ fn a_checkpoint_of_another_config_is_refused_with_the_differences() {
 fn one_job_per_stage_equals_full_run() {
     let (_, expected) = &reference();
     let tmp = tempfile::tempdir().unwrap();
-    let config = workspace(tmp.path(), "");
+    let config = workspace(tmp.path());
     let run = tmp.path().join("run");
     for args in [
         vec!["--until-stage", "1"],
