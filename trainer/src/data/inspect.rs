@@ -4,14 +4,12 @@
 
 use std::fmt::Write;
 
-use anyhow::Result;
-
-use super::{load, DataConfig, PreferenceData, SplitData};
+use super::{load, DataConfig, DataError, PreferenceData, SplitData};
 use crate::tokenizer::ChatTokenizer;
 
 /// Loads the data of `config` (reading and writing the token cache like a training run) and
 /// returns the report as text.
-pub fn inspect(config: &DataConfig, tokenizer: &ChatTokenizer) -> Result<String> {
+pub fn inspect(config: &DataConfig, tokenizer: &ChatTokenizer) -> Result<String, DataError> {
     let data = load(config, tokenizer)?;
     Ok(report(config, &data))
 }
