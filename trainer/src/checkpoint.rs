@@ -7,13 +7,141 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::model::AdapterSpec;
+
+type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+/// Any error, boxed, as the cause of a [`CheckpointError`] (so `{:#}` still prints it).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error of reading or writing adapter files and checkpoints. A caller can tell a damaged
+/// file ([`Corrupt`](CheckpointError::Corrupt), [`Unparsable`](CheckpointError::Unparsable))
+/// from one written for something else ([`Version`](CheckpointError::Version),
+/// [`NotAdapterFile`](CheckpointError::NotAdapterFile),
+/// [`Incompatible`](CheckpointError::Incompatible)) and from a checkpoint that is not there
+/// ([`Missing`](CheckpointError::Missing)). Every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file system operation (`action`: create, read, write, sync, ...) on `path` failed.
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Renaming a finished temporary file or directory into place failed.
+    #[error("cannot rename {} to {}", from.display(), to.display())]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// libtorch could not read or write a tensor file.
+    #[error("cannot {action} {}", path.display())]
+    Tensors {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
+
+    /// The contents of `path` could not be serialised.
+    #[error("cannot serialise {}", path.display())]
+    Serialize {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+
+    /// The stage has no final checkpoint.
+    #[error("no final checkpoint of stage {stage}: {} does not exist", dir.display())]
+    Missing { stage: usize, dir: PathBuf },
+
+    /// A checkpoint file whose bytes do not match the checksum written with it.
+    #[error("{} does not match its checksum: the file is corrupted", path.display())]
+    Corrupt { path: PathBuf },
+
+    /// A checkpoint's checksum list has no entry for one of its files.
+    #[error("{} lists no checksum for {file}", list.display())]
+    ChecksumMissing { list: PathBuf, file: &'static str },
+
+    /// A file that does not parse as what it should be (`expected`: "safetensors file",
+    /// "checksum list", "trainer state").
+    #[error("{} is not a {expected}", path.display())]
+    Unparsable {
+        path: PathBuf,
+        expected: &'static str,
+        #[source]
+        source: BoxError,
+    },
+
+    /// A safetensors file without the `modpo` metadata of an adapter file.
+    #[error("{} is not a modpo adapter file: no `modpo` metadata", path.display())]
+    NotAdapterFile { path: PathBuf },
+
+    /// An adapter file whose `modpo` metadata does not parse.
+    #[error("{}: bad `modpo` metadata", path.display())]
+    BadMetadata {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A file of another layout version (`what`: "adapter format" or "checkpoint").
+    #[error("{}: {what} version {found} (this build reads {supported})", path.display())]
+    Version {
+        path: PathBuf,
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
+
+    /// An adapter file whose tensors do not match the adapters it is loaded into: one missing,
+    /// one unexpected, or one of another shape or dtype (`message` says which).
+    #[error("{}: {message}", path.display())]
+    Incompatible { path: PathBuf, message: String },
+}
+
+/// A [`CheckpointError::Io`] of `action` on `path`.
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |source| CheckpointError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A [`CheckpointError::Serialize`] of `path`.
+fn serialize<E: Into<BoxError>>(path: &Path) -> impl FnOnce(E) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |e| CheckpointError::Serialize {
+        path,
+        source: e.into(),
+    }
+}
+
+/// A [`CheckpointError::Unparsable`] of `path`, which should be an `expected`.
+fn unparsable<E: Into<BoxError>>(
+    path: &Path,
+    expected: &'static str,
+) -> impl FnOnce(E) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |e| CheckpointError::Unparsable {
+        path,
+        expected,
+        source: e.into(),
+    }
+}
 
 /// The adapter file of a run directory.
 pub const ADAPTERS_FILE: &str = "adapters.safetensors";
@@ -82,11 +210,15 @@ pub fn save_adapters(path: &Path, adapters: &VarStore, meta: &AdapterMeta) -> Re
         .iter()
         .map(|(name, shape, bytes)| {
             let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            Ok((name.clone(), TensorView::new(Dtype::F32, shape, bytes)?))
+            let view = TensorView::new(Dtype::F32, shape, bytes).map_err(serialize(path))?;
+            Ok((name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let metadata = HashMap::from([("modpo".to_string(), serde_json::to_string(meta)?)]);
-    let bytes = safetensors::serialize(views, Some(metadata))?;
+    let metadata = HashMap::from([(
+        "modpo".to_string(),
+        serde_json::to_string(meta).map_err(serialize(path))?,
+    )]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(serialize(path))?;
     write_atomically(path, &bytes)
 }
 
@@ -97,41 +229,48 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+        .map_err(io("write", &tmp))?;
+    rename(&tmp, path)
+}
+
+/// Renames `from` to `to`, naming both on failure.
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(|source| CheckpointError::Rename {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads only the metadata of an adapter file.
 pub fn read_adapter_meta(path: &Path) -> Result<AdapterMeta> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let bytes = std::fs::read(path).map_err(io("read", path))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(unparsable(path, "safetensors file"))?;
     let text = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("modpo"))
-        .with_context(|| {
-            format!(
-                "{} is not a modpo adapter file: no `modpo` metadata",
-                path.display()
-            )
+        .ok_or_else(|| CheckpointError::NotAdapterFile {
+            path: path.to_path_buf(),
         })?;
-    let meta: AdapterMeta = serde_json::from_str(text)
-        .with_context(|| format!("{}: bad `modpo` metadata", path.display()))?;
+    let meta: AdapterMeta =
+        serde_json::from_str(text).map_err(|source| CheckpointError::BadMetadata {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if meta.format_version != FORMAT_VERSION {
-        bail!(
-            "{}: adapter format version {} (this build reads {FORMAT_VERSION})",
-            path.display(),
-            meta.format_version
-        );
+        return Err(CheckpointError::Version {
+            path: path.to_path_buf(),
+            what: "adapter format",
+            found: meta.format_version,
+            supported: FORMAT_VERSION,
+        });
     }
     Ok(meta)
 }
@@ -139,23 +278,25 @@ pub fn read_adapter_meta(path: &Path) -> Result<AdapterMeta> {
 /// Loads an adapter file into `adapters`, whose variables must match it name for name and
 /// shape for shape.
 pub fn load_adapters(path: &Path, adapters: &VarStore) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let file = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let bytes = std::fs::read(path).map_err(io("read", path))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(unparsable(path, "safetensors file"))?;
+    let incompatible = |message: String| CheckpointError::Incompatible {
+        path: path.to_path_buf(),
+        message,
+    };
     let variables = adapters.variables();
     let _no_grad = tch::no_grad_guard();
     for (name, var) in &variables {
         let view = file
             .tensor(name)
-            .with_context(|| format!("{}: missing adapter `{name}`", path.display()))?;
+            .map_err(|_| incompatible(format!("missing adapter `{name}`")))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if shape != var.size() || view.dtype() != Dtype::F32 {
-            bail!(
-                "{}: adapter `{name}` is {:?} {shape:?}, expected F32 {:?}",
-                path.display(),
+            return Err(incompatible(format!(
+                "adapter `{name}` is {:?} {shape:?}, expected F32 {:?}",
                 view.dtype(),
                 var.size()
-            );
+            )));
         }
         let values = Tensor::from_data_size(view.data(), &shape, Kind::Float);
         var.shallow_clone().copy_(&values);
@@ -165,7 +306,7 @@ pub fn load_adapters(path: &Path, adapters: &VarStore) -> Result<()> {
         .into_iter()
         .find(|n| !variables.contains_key(*n))
     {
-        bail!("{}: unexpected adapter `{extra}`", path.display());
+        return Err(incompatible(format!("unexpected adapter `{extra}`")));
     }
     Ok(())
 }
@@ -225,14 +366,14 @@ pub fn checkpoint_name(stage: usize, step: usize, stage_finished: bool) -> Strin
 
 fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(io("read", path))?;
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))
+        .map_err(io("sync", dir))
 }
 
 /// Writes a checkpoint into `<checkpoints>/<name>`: every file into a temporary directory,
@@ -249,42 +390,44 @@ pub fn write_checkpoint(
     let name = checkpoint_name(state.stage, state.step, state.stage_finished);
     let tmp = checkpoints.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp).map_err(io("clear", &tmp))?;
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
     save_adapters(&tmp.join(ADAPTERS_FILE), adapters, meta)?;
     let optimizer_path = tmp.join(OPTIMIZER_FILE);
     if optimizer_state.is_empty() {
-        write_atomically(
-            &optimizer_path,
-            &safetensors::serialize(Vec::<(String, TensorView)>::new(), None)?,
-        )?;
+        let empty = safetensors::serialize(Vec::<(String, TensorView)>::new(), None)
+            .map_err(serialize(&optimizer_path))?;
+        write_atomically(&optimizer_path, &empty)?;
     } else {
-        Tensor::write_safetensors(optimizer_state, &optimizer_path)
-            .with_context(|| format!("cannot write {}", optimizer_path.display()))?;
-        std::fs::File::open(&optimizer_path)?.sync_all()?;
+        Tensor::write_safetensors(optimizer_state, &optimizer_path).map_err(|source| {
+            CheckpointError::Tensors {
+                action: "write",
+                path: optimizer_path.clone(),
+                source,
+            }
+        })?;
+        std::fs::File::open(&optimizer_path)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync", &optimizer_path))?;
     }
-    write_atomically(
-        &tmp.join(STATE_FILE),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
+    let state_path = tmp.join(STATE_FILE);
+    let state_json = serde_json::to_string_pretty(state).map_err(serialize(&state_path))?;
+    write_atomically(&state_path, state_json.as_bytes())?;
     let mut checksums = std::collections::BTreeMap::new();
     for file in [ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE] {
         checksums.insert(file.to_string(), sha256_file(&tmp.join(file))?);
     }
-    write_atomically(
-        &tmp.join(CHECKSUMS_FILE),
-        serde_json::to_string_pretty(&checksums)?.as_bytes(),
-    )?;
+    let list = tmp.join(CHECKSUMS_FILE);
+    let list_json = serde_json::to_string_pretty(&checksums).map_err(serialize(&list))?;
+    write_atomically(&list, list_json.as_bytes())?;
     sync_dir(&tmp)?;
     let target = checkpoints.join(&name);
     if target.exists() {
         // Only a resumed run rewrites a name, with the same state: replace it.
-        std::fs::remove_dir_all(&target)
-            .with_context(|| format!("cannot replace {}", target.display()))?;
+        std::fs::remove_dir_all(&target).map_err(io("replace", &target))?;
     }
-    std::fs::rename(&tmp, &target)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), target.display()))?;
+    rename(&tmp, &target)?;
     sync_dir(checkpoints)?;
     write_atomically(&checkpoints.join(LATEST_FILE), name.as_bytes())?;
     Ok(target)
@@ -294,31 +437,32 @@ pub fn write_checkpoint(
 /// names the file that does not match.
 pub fn verify_checkpoint(dir: &Path) -> Result<TrainerState> {
     let list = dir.join(CHECKSUMS_FILE);
-    let text = std::fs::read_to_string(&list)
-        .with_context(|| format!("cannot read {}", list.display()))?;
-    let checksums: std::collections::BTreeMap<String, String> = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a checksum list", list.display()))?;
+    let text = std::fs::read_to_string(&list).map_err(io("read", &list))?;
+    let checksums: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&text).map_err(unparsable(&list, "checksum list"))?;
     for file in [ADAPTERS_FILE, OPTIMIZER_FILE, STATE_FILE] {
         let expected = checksums
             .get(file)
-            .with_context(|| format!("{} lists no checksum for {file}", list.display()))?;
+            .ok_or_else(|| CheckpointError::ChecksumMissing {
+                list: list.clone(),
+                file,
+            })?;
         let path = dir.join(file);
         if &sha256_file(&path)? != expected {
-            bail!(
-                "{} does not match its checksum: the file is corrupted",
-                path.display()
-            );
+            return Err(CheckpointError::Corrupt { path });
         }
     }
     let state_path = dir.join(STATE_FILE);
-    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
-        .with_context(|| format!("{} is not a trainer state", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path).map_err(io("read", &state_path))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(unparsable(&state_path, "trainer state"))?;
     if state.version != CHECKPOINT_VERSION {
-        bail!(
-            "{}: checkpoint version {} (this build reads {CHECKPOINT_VERSION})",
-            state_path.display(),
-            state.version
-        );
+        return Err(CheckpointError::Version {
+            path: state_path,
+            what: "checkpoint",
+            found: state.version,
+            supported: CHECKPOINT_VERSION,
+        });
     }
     Ok(state)
 }
@@ -330,7 +474,7 @@ fn checkpoint_dirs(checkpoints: &Path) -> Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(checkpoints) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(e).with_context(|| format!("cannot list {}", checkpoints.display())),
+        Err(e) => return Err(io("list", checkpoints)(e)),
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
@@ -364,7 +508,11 @@ pub fn latest_valid_checkpoint(checkpoints: &Path) -> Result<Option<(PathBuf, Tr
     for dir in candidates {
         match verify_checkpoint(&dir) {
             Ok(state) => return Ok(Some((dir, state))),
-            Err(err) => tracing::warn!("skipping checkpoint {}: {err:#}", dir.display()),
+            Err(err) => {
+                // Through anyhow for `{:#}`, which prints the causes too (an io error's).
+                let err = anyhow::Error::new(err);
+                tracing::warn!("skipping checkpoint {}: {err:#}", dir.display())
+            }
         }
     }
     Ok(None)
@@ -374,10 +522,7 @@ pub fn latest_valid_checkpoint(checkpoints: &Path) -> Result<Option<(PathBuf, Tr
 pub fn stage_final_checkpoint(checkpoints: &Path, stage: usize) -> Result<(PathBuf, TrainerState)> {
     let dir = checkpoints.join(checkpoint_name(stage, 0, true));
     if !dir.is_dir() {
-        bail!(
-            "no final checkpoint of stage {stage}: {} does not exist",
-            dir.display()
-        );
+        return Err(CheckpointError::Missing { stage, dir });
     }
     let state = verify_checkpoint(&dir)?;
     Ok((dir, state))
@@ -397,8 +542,7 @@ pub fn prune_checkpoints(checkpoints: &Path, keep: usize) -> Result<()> {
         {
             continue;
         }
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir).map_err(io("remove old checkpoint", &dir))?;
     }
     Ok(())
 }
@@ -406,13 +550,100 @@ pub fn prune_checkpoints(checkpoints: &Path, keep: usize) -> Result<()> {
 /// The optimizer moments of a checkpoint, by name (`exp_avg.{i}`, `exp_avg_sq.{i}`).
 pub fn read_optimizer_state(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let path = dir.join(OPTIMIZER_FILE);
-    Ok(Tensor::read_safetensors(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .into_iter()
-        .collect())
+    let tensors = Tensor::read_safetensors(&path).map_err(|source| CheckpointError::Tensors {
+        action: "read",
+        path: path.clone(),
+        source,
+    })?;
+    Ok(tensors.into_iter().collect())
 }
 
 /// Creates `dir` if needed; used by the trainer for the checkpoints directory.
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint of one 2x3 adapter in `<dir>/checkpoints`, and its directory.
+    fn write_one(dir: &Path) -> PathBuf {
+        let adapters = VarStore::new(tch::Device::Cpu);
+        let _ = adapters.root().zeros("a", &[2, 3]);
+        let spec = AdapterSpec {
+            rank: 1,
+            alpha: 2.0,
+            num_dimensions: 1,
+            shared: true,
+        };
+        let meta = AdapterMeta::new(Path::new("model"), "fp", &["x".to_string()], &spec);
+        let state = TrainerState {
+            version: CHECKPOINT_VERSION,
+            stage: 1,
+            stage_name: "general".into(),
+            step: 3,
+            stage_finished: true,
+            epoch: 0,
+            pairs_into_epoch: 0,
+            optimizer_params: vec![],
+            optimizer_steps: 3,
+            model_fingerprint: "fp".into(),
+            data_fingerprint: "data".into(),
+            dimensions: vec!["x".into()],
+            config: serde_json::json!({}),
+            world_size: 1,
+        };
+        write_checkpoint(&dir.join("checkpoints"), &adapters, &meta, &[], &state).unwrap()
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_is_corrupt_and_an_absent_one_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = write_one(tmp.path());
+        assert_eq!(verify_checkpoint(&dir).unwrap().step, 3);
+
+        let adapters = dir.join(ADAPTERS_FILE);
+        let bytes = std::fs::read(&adapters).unwrap();
+        std::fs::write(&adapters, &bytes[..bytes.len() - 1]).unwrap();
+        match verify_checkpoint(&dir) {
+            Err(CheckpointError::Corrupt { path }) => assert_eq!(path, adapters),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+
+        let list = dir.join(CHECKSUMS_FILE);
+        let text = std::fs::read_to_string(&list).unwrap();
+        std::fs::write(&list, &text[..text.len() / 2]).unwrap();
+        let err = verify_checkpoint(&dir).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::Unparsable { path, expected: "checksum list", .. } if *path == list),
+            "{err:?}"
+        );
+
+        let checkpoints = tmp.path().join("checkpoints");
+        match stage_final_checkpoint(&checkpoints, 2) {
+            Err(CheckpointError::Missing { stage: 2, dir }) => {
+                assert_eq!(dir, checkpoints.join("stage-2-final"))
+            }
+            other => panic!("expected Missing, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn adapters_of_another_shape_are_incompatible() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = write_one(tmp.path());
+        let other = VarStore::new(tch::Device::Cpu);
+        let _ = other.root().zeros("a", &[3, 2]);
+        let err = load_adapters(&dir.join(ADAPTERS_FILE), &other).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::Incompatible { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .ends_with("adapters.safetensors: adapter `a` is F32 [2, 3], expected F32 [3, 2]"),
+            "{err}"
+        );
+    }
 }

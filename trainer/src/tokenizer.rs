@@ -103,35 +103,10 @@ impl ChatTokenizer {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_bytes = std::fs::read(&tokenizer_path)
             .with_context(|| format!("reading {}", tokenizer_path.display()))?;
-        let mut tokenizer = Tokenizer::from_bytes(&tokenizer_bytes)
-            .map_err(|e| anyhow!("parsing {}: {e}", tokenizer_path.display()))?;
-        // transformers switches off the truncation / padding a tokenizer.json may carry unless
-        // the call asks for them; apply_chat_template asks for neither.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| anyhow!("disabling truncation of {}: {e}", tokenizer_path.display()))?;
-        tokenizer.with_padding(None);
-
+        let tokenizer = parse_tokenizer(&tokenizer_bytes, &tokenizer_path)?;
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json_if_exists(&config_path)?.unwrap_or(Json::Null);
-        let legacy_map = read_json_if_exists(&dir.join("special_tokens_map.json"))?;
-
-        let mut special_tokens = Vec::new();
-        for name in SPECIAL_TOKEN_NAMES {
-            let from_config = token_content(config.get(name))
-                .with_context(|| format!("{name} in {}", config_path.display()))?;
-            let token = match from_config {
-                Some(token) => Some(token),
-                None => token_content(legacy_map.as_ref().and_then(|m| m.get(name))).with_context(
-                    || format!("{name} in {}/special_tokens_map.json", dir.display()),
-                )?,
-            };
-            if let Some(token) = token {
-                special_tokens.push((name.to_owned(), token));
-            }
-        }
-        let eos_from_config = find_token(&special_tokens, "eos_token").map(str::to_owned);
-        let pad_from_config = find_token(&special_tokens, "pad_token").map(str::to_owned);
+        let mut special_tokens = special_tokens(dir, &config)?;
         let token_id = |token: &str, name: &str| {
             tokenizer.token_to_id(token).ok_or_else(|| {
                 anyhow!(
@@ -141,54 +116,19 @@ impl ChatTokenizer {
                 )
             })
         };
-
-        let (eos_token, eos_token_id) = match eos_from_config {
-            Some(token) => {
-                let id = token_id(&token, "eos_token")?;
-                (token, id)
-            }
+        let (eos_token, eos_token_id) = match find_token(&special_tokens, "eos_token") {
+            Some(token) => (token.to_owned(), token_id(token, "eos_token")?),
             None => {
-                let id = eos_id_from_model_configs(dir)?.ok_or_else(|| {
-                    anyhow!(
-                        "no eos token: neither eos_token in {} nor eos_token_id in {}/generation_config.json or {}/config.json",
-                        config_path.display(),
-                        dir.display(),
-                        dir.display()
-                    )
-                })?;
-                let token = tokenizer.id_to_token(id).ok_or_else(|| {
-                    anyhow!(
-                        "eos_token_id {id} is outside the vocabulary of {}",
-                        tokenizer_path.display()
-                    )
-                })?;
+                let (token, id) = eos_from_model_configs(dir, &tokenizer, &tokenizer_path)?;
                 special_tokens.push(("eos_token".to_owned(), token.clone()));
                 (token, id)
             }
         };
-        let pad_token_id = match pad_from_config {
-            Some(token) => token_id(&token, "pad_token")?,
+        let pad_token_id = match find_token(&special_tokens, "pad_token") {
+            Some(token) => token_id(token, "pad_token")?,
             None => eos_token_id,
         };
-
-        let template = match load_template(dir, &config, template_override)? {
-            Some((source, origin)) => {
-                let env = hf_jinja::compile(&source)
-                    .map_err(|e| anyhow!("compiling the chat template from {origin}: {e:#}"))?;
-                Ok(ChatTemplate {
-                    source,
-                    origin,
-                    env,
-                })
-            }
-            None => Err(format!(
-                "no chat template: neither {}/chat_template.jinja nor chat_template in {}; \
-                 set model.chat_template in the config",
-                dir.display(),
-                config_path.display()
-            )),
-        };
-
+        let template = compile_template(dir, &config, template_override)?;
         let fingerprint = fingerprint(&tokenizer_bytes, template.as_ref().ok(), &special_tokens);
         Ok(Self {
             tokenizer,
@@ -309,6 +249,90 @@ impl ChatTokenizer {
     pub fn fingerprint(&self) -> String {
         self.fingerprint.clone()
     }
+}
+
+/// `tokenizer.json` (read from `path`) with the truncation and padding it may carry switched
+/// off: transformers switches them off unless the call asks for them, and
+/// apply_chat_template asks for neither.
+fn parse_tokenizer(bytes: &[u8], path: &Path) -> Result<Tokenizer> {
+    let mut tokenizer =
+        Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("parsing {}: {e}", path.display()))?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| anyhow!("disabling truncation of {}: {e}", path.display()))?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
+
+/// (name, content) of each named special token in `tokenizer_config.json` (its contents:
+/// `config`), else in the legacy `special_tokens_map.json`, in `SPECIAL_TOKEN_NAMES` order.
+fn special_tokens(dir: &Path, config: &Json) -> Result<Vec<(String, String)>> {
+    let config_path = dir.join("tokenizer_config.json");
+    let legacy_map = read_json_if_exists(&dir.join("special_tokens_map.json"))?;
+    let mut special_tokens = Vec::new();
+    for name in SPECIAL_TOKEN_NAMES {
+        let from_config = token_content(config.get(name))
+            .with_context(|| format!("{name} in {}", config_path.display()))?;
+        let token = match from_config {
+            Some(token) => Some(token),
+            None => token_content(legacy_map.as_ref().and_then(|m| m.get(name)))
+                .with_context(|| format!("{name} in {}/special_tokens_map.json", dir.display()))?,
+        };
+        if let Some(token) = token {
+            special_tokens.push((name.to_owned(), token));
+        }
+    }
+    Ok(special_tokens)
+}
+
+/// The eos token and id when `tokenizer_config.json` names none: the id from the model
+/// configs, its text from the vocabulary of `tokenizer` (read from `tokenizer_path`).
+fn eos_from_model_configs(
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    tokenizer_path: &Path,
+) -> Result<(String, u32)> {
+    let id = eos_id_from_model_configs(dir)?.ok_or_else(|| {
+        anyhow!(
+            "no eos token: neither eos_token in {} nor eos_token_id in {}/generation_config.json or {}/config.json",
+            dir.join("tokenizer_config.json").display(),
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let token = tokenizer.id_to_token(id).ok_or_else(|| {
+        anyhow!(
+            "eos_token_id {id} is outside the vocabulary of {}",
+            tokenizer_path.display()
+        )
+    })?;
+    Ok((token, id))
+}
+
+/// The compiled chat template, or `Err(message)` when the directory has none (loading still
+/// succeeds; rendering fails with the message). A template that does not compile is an error.
+fn compile_template(
+    dir: &Path,
+    config: &Json,
+    template_override: Option<&str>,
+) -> Result<std::result::Result<ChatTemplate, String>> {
+    Ok(match load_template(dir, config, template_override)? {
+        Some((source, origin)) => {
+            let env = hf_jinja::compile(&source)
+                .map_err(|e| anyhow!("compiling the chat template from {origin}: {e:#}"))?;
+            Ok(ChatTemplate {
+                source,
+                origin,
+                env,
+            })
+        }
+        None => Err(format!(
+            "no chat template: neither {}/chat_template.jinja nor chat_template in {}; \
+             set model.chat_template in the config",
+            dir.display(),
+            dir.join("tokenizer_config.json").display()
+        )),
+    })
 }
 
 /// The content of the special token called `name` (`"bos_token"`, ...), if present.

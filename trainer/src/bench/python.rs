@@ -126,6 +126,15 @@ fn run_script(python: &Path, script: &Path, args: &[String], log: &Path) -> Resu
     Ok(result)
 }
 
+/// One alternative: its name, script, the script's own arguments, and the case of ours it
+/// stands beside.
+struct Baseline {
+    name: &'static str,
+    script: &'static str,
+    args: Vec<String>,
+    compares_with: &'static str,
+}
+
 /// TRL (reference every step, then precomputed) against stage 1; the PyTorch loop against
 /// stage 3; each in `rounds` rounds, with `ours(case name)` timing our stage right before each
 /// run (None when that case is not selected).
@@ -143,32 +152,36 @@ pub fn run_baselines(
     write_jsonl(&stage1, &bench.stage1_text_pairs()?)?;
     let stage3 = o.work.join("stage3_steps.jsonl");
     write_jsonl(&stage3, &bench.stage3_steps())?;
-    let common = |name: &str| -> Vec<String> {
-        [
-            "--model",
-            &model.display().to_string(),
-            "--warmup",
-            &o.warmup.to_string(),
-            "--steps",
-            &o.steps.to_string(),
-            "--threads",
-            &o.threads.to_string(),
-            "--rank",
-            &BENCH_RANK.to_string(),
-            "--alpha",
-            &BENCH_ALPHA.to_string(),
-            "--beta",
-            &BETA.to_string(),
-            "--lr",
-            &LEARNING_RATE.to_string(),
-            "--name",
-            name,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    // (name, script, its own arguments, the stage of ours it stands beside)
-    let mut runs: Vec<(&str, &str, Vec<String>, &str)> = Vec::new();
+    let baselines = baselines(bench, &stage1, &stage3);
+
+    // per baseline: each round's (ours, baseline)
+    let mut measured: Vec<Vec<(Option<CaseResult>, BaselineResult)>> =
+        vec![Vec::new(); baselines.len()];
+    for round in 1..=o.rounds {
+        for (baseline, so_far) in baselines.iter().zip(&mut measured) {
+            eprintln!("bench: round {round} of {}: {}", o.rounds, baseline.name);
+            let ours_now = ours(baseline.compares_with)?;
+            let mut args = common_args(bench, model, baseline.name);
+            args.extend(baseline.args.iter().cloned());
+            let log = o.work.join(format!(
+                "{}.log",
+                baseline.name.replace([' ', ',', '+'], "_")
+            ));
+            let result = run_script(python, &scripts.join(baseline.script), &args, &log)?;
+            so_far.push((ours_now, result));
+        }
+    }
+    Ok(baselines
+        .iter()
+        .zip(measured)
+        .map(|(baseline, pairs)| summarise(baseline.compares_with, pairs))
+        .collect())
+}
+
+/// TRL without and with a precomputed reference on the stage-1 pairs in `stage1`, and the
+/// PyTorch stage-3 loop on the steps in `stage3`.
+fn baselines(bench: &Bench, stage1: &Path, stage3: &Path) -> Vec<Baseline> {
+    let mut runs = Vec::new();
     for (name, precompute) in [
         ("trl-dpo+peft", false),
         ("trl-dpo+peft, precomputed reference", true),
@@ -177,61 +190,83 @@ pub fn run_baselines(
             "--pairs".into(),
             stage1.display().to_string(),
             "--batch".into(),
-            o.micro_batch.to_string(),
+            bench.options.micro_batch.to_string(),
             "--max-length".into(),
             (CPU_MAX_LENGTH + 8).to_string(),
         ];
         if precompute {
             args.push("--precompute-ref".into());
         }
-        runs.push((name, "trl_dpo.py", args, "curriculum stage 1"));
-    }
-    runs.push((
-        "pytorch stage-3 loop",
-        "naive_stage3.py",
-        vec!["--steps-file".into(), stage3.display().to_string()],
-        "curriculum stage 3",
-    ));
-
-    // per baseline: each round's (ours, baseline)
-    let mut measured: Vec<Vec<(Option<CaseResult>, BaselineResult)>> = vec![Vec::new(); runs.len()];
-    for round in 1..=o.rounds {
-        for ((name, script, extra, compares_with), so_far) in runs.iter().zip(&mut measured) {
-            eprintln!("bench: round {round} of {}: {name}", o.rounds);
-            let ours_now = ours(compares_with)?;
-            let mut args = common(name);
-            args.extend(extra.iter().cloned());
-            let log = o
-                .work
-                .join(format!("{}.log", name.replace([' ', ',', '+'], "_")));
-            let result = run_script(python, &scripts.join(script), &args, &log)?;
-            so_far.push((ours_now, result));
-        }
-    }
-    let mut results = Vec::new();
-    for ((_, _, _, compares_with), pairs) in runs.iter().zip(measured) {
-        let round_figures: Vec<Round> = pairs
-            .iter()
-            .filter_map(|(ours, baseline)| {
-                ours.as_ref().map(|ours| Round {
-                    ours_median_ms: ours.median_ms,
-                    baseline_median_ms: baseline.median_ms,
-                    speed_ratio: speed_ratio(ours, baseline),
-                })
-            })
-            .collect();
-        let mut result = BaselineResult::merge(pairs.into_iter().map(|(_, b)| b).collect());
-        result.compares_with = compares_with.to_string();
-        result.speed_ratio = (!round_figures.is_empty()).then(|| {
-            median(
-                &round_figures
-                    .iter()
-                    .map(|r| r.speed_ratio)
-                    .collect::<Vec<_>>(),
-            )
+        runs.push(Baseline {
+            name,
+            script: "trl_dpo.py",
+            args,
+            compares_with: "curriculum stage 1",
         });
-        result.rounds = round_figures;
-        results.push(result);
     }
-    Ok(results)
+    runs.push(Baseline {
+        name: "pytorch stage-3 loop",
+        script: "naive_stage3.py",
+        args: vec!["--steps-file".into(), stage3.display().to_string()],
+        compares_with: "curriculum stage 3",
+    });
+    runs
+}
+
+/// The arguments every baseline script takes: the model, the step counts, threads, LoRA
+/// and optimiser settings, and the run's name.
+fn common_args(bench: &Bench, model: &Path, name: &str) -> Vec<String> {
+    let o = &bench.options;
+    [
+        "--model",
+        &model.display().to_string(),
+        "--warmup",
+        &o.warmup.to_string(),
+        "--steps",
+        &o.steps.to_string(),
+        "--threads",
+        &o.threads.to_string(),
+        "--rank",
+        &BENCH_RANK.to_string(),
+        "--alpha",
+        &BENCH_ALPHA.to_string(),
+        "--beta",
+        &BETA.to_string(),
+        "--lr",
+        &LEARNING_RATE.to_string(),
+        "--name",
+        name,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// One baseline over all its rounds: the merged figures, each round's ratio where ours ran,
+/// and the median of those ratios.
+fn summarise(
+    compares_with: &str,
+    pairs: Vec<(Option<CaseResult>, BaselineResult)>,
+) -> BaselineResult {
+    let round_figures: Vec<Round> = pairs
+        .iter()
+        .filter_map(|(ours, baseline)| {
+            ours.as_ref().map(|ours| Round {
+                ours_median_ms: ours.median_ms,
+                baseline_median_ms: baseline.median_ms,
+                speed_ratio: speed_ratio(ours, baseline),
+            })
+        })
+        .collect();
+    let mut result = BaselineResult::merge(pairs.into_iter().map(|(_, b)| b).collect());
+    result.compares_with = compares_with.to_string();
+    result.speed_ratio = (!round_figures.is_empty()).then(|| {
+        median(
+            &round_figures
+                .iter()
+                .map(|r| r.speed_ratio)
+                .collect::<Vec<_>>(),
+        )
+    });
+    result.rounds = round_figures;
+    result
 }

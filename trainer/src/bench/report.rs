@@ -1,6 +1,7 @@
 //! The benchmark's tables on stdout and `results.json`.
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -36,15 +37,65 @@ fn machine(bench: &Bench) -> serde_json::Value {
     })
 }
 
+/// Prints the tables, and writes them with every figure to `<out>/results.json`.
 pub fn write(
     bench: &Bench,
     results: &[CaseResult],
     baselines: &[BaselineResult],
     micro_batch_search: Option<&Vec<(bool, usize)>>,
 ) -> Result<()> {
+    let (text, results_json) = render(bench, results, baselines, micro_batch_search)?;
+    print!("{text}");
+    save(&bench.options.out, &results_json)
+}
+
+/// The tables as text, and `results.json` (which holds the text too).
+fn render(
+    bench: &Bench,
+    results: &[CaseResult],
+    baselines: &[BaselineResult],
+    micro_batch_search: Option<&Vec<(bool, usize)>>,
+) -> Result<(String, serde_json::Value)> {
+    let mut text = String::new();
+    write_header(&mut text, bench)?;
+    write_cases(&mut text, results)?;
+    let ratios = write_baselines(&mut text, bench.options.rounds, baselines)?;
+    let ablations = write_ablations(&mut text, results)?;
+    if let Some(found) = micro_batch_search {
+        write_micro_batch_search(&mut text, bench.options.seq_len, found)?;
+    }
     let o = &bench.options;
     let c = &bench.config;
-    let mut text = String::new();
+    let command: Vec<String> = std::env::args().collect();
+    let results_json = json!({
+        "command": command.join(" "),
+        "preset": o.preset,
+        "machine": machine(bench),
+        "model": {
+            "layers": c.num_layers, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
+            "heads": c.num_heads, "kv_heads": c.num_kv_heads, "vocab": c.vocab_size,
+        },
+        "settings": {
+            "pairs_per_step": o.micro_batch, "lora_rank": super::BENCH_RANK,
+            "lora_alpha": super::BENCH_ALPHA, "warmup_steps": o.warmup, "timed_steps": o.steps,
+            "head_to_head_rounds": o.rounds,
+            "max_length": if o.preset == super::Preset::Cpu { super::CPU_MAX_LENGTH } else { o.seq_len },
+            "gpu": !matches!(o.device, Device::Cpu),
+        },
+        "cases": results,
+        "baselines": baselines,
+        "speed_ratios": ratios,
+        "ablations": ablations,
+        "largest_micro_batch": micro_batch_search.map(|f| f.iter().map(|(r, m)| json!({"recompute": r, "pairs": m})).collect::<Vec<_>>()),
+        "table": text,
+    });
+    Ok((text, results_json))
+}
+
+/// The model and settings, the matmul rate, and the heading of the cases' table.
+fn write_header(text: &mut String, bench: &Bench) -> Result<()> {
+    let o = &bench.options;
+    let c = &bench.config;
     writeln!(
         text,
         "model: {} layers, hidden {}, MLP {}, {} heads / {} KV heads, vocab {}; {:?} on {:?}; \
@@ -75,6 +126,11 @@ pub fn write(
         "{:<40} {:>10} {:>8} {:>10} {:>10} {:>6} {:>9}",
         "case", "median ms", "pairs/s", "tokens/s", "GFLOP/st", "MFU", "peak MiB"
     )?;
+    Ok(())
+}
+
+/// One row per case.
+fn write_cases(text: &mut String, results: &[CaseResult]) -> Result<()> {
     for r in results {
         writeln!(
             text,
@@ -88,124 +144,132 @@ pub fn write(
             mib(r.peak_memory_bytes)
         )?;
     }
+    Ok(())
+}
+
+/// The alternatives' table (nothing when none ran); returns the speed ratios by
+/// `ours / baseline`.
+fn write_baselines(
+    text: &mut String,
+    rounds: usize,
+    baselines: &[BaselineResult],
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut ratios = serde_json::Map::new();
-    if !baselines.is_empty() {
+    if baselines.is_empty() {
+        return Ok(ratios);
+    }
+    writeln!(
+        text,
+        "\nalternatives (same model, pairs, rank and batch), {} rounds each; speed: pairs per \
+         median step, ours timed right before each round's run; the median round's ratio, \
+         every round's in brackets",
+        rounds
+    )?;
+    for b in baselines {
+        let speedup = b.speed_ratio;
+        let each_round: Vec<String> = b
+            .rounds
+            .iter()
+            .map(|r| format!("{:.2}", r.speed_ratio))
+            .collect();
         writeln!(
             text,
-            "\nalternatives (same model, pairs, rank and batch), {} rounds each; speed: pairs per \
-             median step, ours timed right before each round's run; the median round's ratio, \
-             every round's in brackets",
-            o.rounds
+            "{:<40} {:>10.1} {:>8.2} {:>10.0} {:>10} {:>6} {:>9}   ours ({}) is {}",
+            b.name,
+            b.median_ms,
+            b.pairs_per_s,
+            b.policy_tokens_per_s,
+            "",
+            "",
+            mib(b.peak_rss_bytes),
+            b.compares_with,
+            speedup.map_or("-".into(), |s| format!(
+                "{s:.2}x as fast [{}]",
+                each_round.join(" ")
+            )),
         )?;
-        for b in baselines {
-            let speedup = b.speed_ratio;
-            let each_round: Vec<String> = b
-                .rounds
-                .iter()
-                .map(|r| format!("{:.2}", r.speed_ratio))
-                .collect();
-            writeln!(
-                text,
-                "{:<40} {:>10.1} {:>8.2} {:>10.0} {:>10} {:>6} {:>9}   ours ({}) is {}",
-                b.name,
-                b.median_ms,
-                b.pairs_per_s,
-                b.policy_tokens_per_s,
-                "",
-                "",
-                mib(b.peak_rss_bytes),
-                b.compares_with,
-                speedup.map_or("-".into(), |s| format!(
-                    "{s:.2}x as fast [{}]",
-                    each_round.join(" ")
-                )),
-            )?;
-            if let Some(s) = speedup {
-                ratios.insert(format!("{} / {}", b.compares_with, b.name), json!(s));
-            }
+        if let Some(s) = speedup {
+            ratios.insert(format!("{} / {}", b.compares_with, b.name), json!(s));
         }
     }
-    // Each variant (an optimisation switched off, or recomputation on): the stage's real-token
-    // throughput relative to the default (tokens/s, not step time: without bucketing the batches differ).
+    Ok(ratios)
+}
+
+/// Each variant (an optimisation switched off, or recomputation on): the stage's real-token
+/// throughput relative to the default (tokens/s, not step time: without bucketing the batches
+/// differ), and its peak memory; returns both by case name.
+fn write_ablations(
+    text: &mut String,
+    results: &[CaseResult],
+) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut ablations = serde_json::Map::new();
     let ablated: Vec<&CaseResult> = results
         .iter()
         .filter(|r| r.variant != Variant::TRAINING && r.name.contains(", "))
         .collect();
-    if !ablated.is_empty() {
+    if ablated.is_empty() {
+        return Ok(ablations);
+    }
+    writeln!(
+        text,
+        "\nvariants of the default (an optimisation switched off, or recomputation switched \
+         on): throughput (real tokens/s) and peak memory relative to the default"
+    )?;
+    for r in ablated {
+        let default = results
+            .iter()
+            .find(|f| f.variant == Variant::TRAINING && f.method == r.method && f.stage == r.stage);
+        let Some(default) = default else {
+            continue;
+        };
+        let speed = r.policy_tokens_per_s / default.policy_tokens_per_s;
+        let memory = match (r.peak_memory_bytes, default.peak_memory_bytes) {
+            (Some(a), Some(b)) => Some(a as f64 / b as f64),
+            _ => None,
+        };
         writeln!(
             text,
-            "\nvariants of the default (an optimisation switched off, or recomputation switched \
-             on): throughput (real tokens/s) and peak memory relative to the default"
+            "{:<40} throughput {:>5.2}x, peak memory {:>6}",
+            r.name,
+            speed,
+            memory.map_or("-".into(), |m| format!("{m:.2}x"))
         )?;
-        for r in ablated {
-            let default = results.iter().find(|f| {
-                f.variant == Variant::TRAINING && f.method == r.method && f.stage == r.stage
-            });
-            if let Some(default) = default {
-                let speed = r.policy_tokens_per_s / default.policy_tokens_per_s;
-                let memory = match (r.peak_memory_bytes, default.peak_memory_bytes) {
-                    (Some(a), Some(b)) => Some(a as f64 / b as f64),
-                    _ => None,
-                };
-                writeln!(
-                    text,
-                    "{:<40} throughput {:>5.2}x, peak memory {:>6}",
-                    r.name,
-                    speed,
-                    memory.map_or("-".into(), |m| format!("{m:.2}x"))
-                )?;
-                ablations.insert(
-                    r.name.clone(),
-                    json!({"throughput_vs_default": speed, "peak_memory_vs_default": memory}),
-                );
-            }
-        }
+        ablations.insert(
+            r.name.clone(),
+            json!({"throughput_vs_default": speed, "peak_memory_vs_default": memory}),
+        );
     }
-    if let Some(found) = micro_batch_search {
+    Ok(ablations)
+}
+
+/// The largest stage-3 micro-batch found with and without recomputation.
+fn write_micro_batch_search(
+    text: &mut String,
+    seq_len: usize,
+    found: &[(bool, usize)],
+) -> Result<()> {
+    writeln!(
+        text,
+        "\nlargest stage-3 micro-batch that fits ({} tokens per sequence):",
+        seq_len
+    )?;
+    for (recompute, pairs) in found {
         writeln!(
             text,
-            "\nlargest stage-3 micro-batch that fits ({} tokens per sequence):",
-            o.seq_len
+            "  {} recomputation: {pairs} pairs",
+            if *recompute { "with" } else { "without" }
         )?;
-        for (recompute, pairs) in found {
-            writeln!(
-                text,
-                "  {} recomputation: {pairs} pairs",
-                if *recompute { "with" } else { "without" }
-            )?;
-        }
     }
-    print!("{text}");
-    let command: Vec<String> = std::env::args().collect();
-    let results_json = json!({
-        "command": command.join(" "),
-        "preset": o.preset,
-        "machine": machine(bench),
-        "model": {
-            "layers": c.num_layers, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
-            "heads": c.num_heads, "kv_heads": c.num_kv_heads, "vocab": c.vocab_size,
-        },
-        "settings": {
-            "pairs_per_step": o.micro_batch, "lora_rank": super::BENCH_RANK,
-            "lora_alpha": super::BENCH_ALPHA, "warmup_steps": o.warmup, "timed_steps": o.steps,
-            "head_to_head_rounds": o.rounds,
-            "max_length": if o.preset == super::Preset::Cpu { super::CPU_MAX_LENGTH } else { o.seq_len },
-            "gpu": !matches!(o.device, Device::Cpu),
-        },
-        "cases": results,
-        "baselines": baselines,
-        "speed_ratios": ratios,
-        "ablations": ablations,
-        "largest_micro_batch": micro_batch_search.map(|f| f.iter().map(|(r, m)| json!({"recompute": r, "pairs": m})).collect::<Vec<_>>()),
-        "table": text,
-    });
-    std::fs::create_dir_all(&o.out)
-        .with_context(|| format!("cannot create {}", o.out.display()))?;
-    let path = o.out.join("results.json");
-    // Written aside and renamed, so an interrupted run never leaves half a file.
-    let partial = o.out.join("results.json.partial");
-    std::fs::write(&partial, serde_json::to_string_pretty(&results_json)?)
+    Ok(())
+}
+
+/// Writes `out/results.json`, aside and renamed, so an interrupted run never leaves half a
+/// file.
+fn save(out: &Path, results_json: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let path = out.join("results.json");
+    let partial = out.join("results.json.partial");
+    std::fs::write(&partial, serde_json::to_string_pretty(results_json)?)
         .with_context(|| format!("cannot write {}", partial.display()))?;
     std::fs::rename(&partial, &path)
         .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;

@@ -6,19 +6,53 @@
 //! (`train.rs`: optimisation, run directory, checkpoints) and reports errors with the file and
 //! key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use train::TrainConfig;
+pub use train::{InvalidKey, TrainConfig};
 
-use crate::data::DataConfig;
+use crate::data::{DataConfig, DataError};
 use crate::method::MethodConfig;
 use crate::model::ModelSection;
 use crate::paths::resolve;
 
 mod train;
+
+/// Why a run configuration was refused. Every message names the file, and the key where
+/// there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The text is not TOML, or has an unknown key, a missing one or a value of the wrong
+    /// type; `message` is toml's, which names the key and shows the line.
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+
+    /// A value that parses but is not allowed (`key`: `section.name`); `message` is the whole
+    /// explanation and starts with the key.
+    #[error("invalid config {}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+
+    /// `model.path` is not a directory.
+    #[error(
+        "invalid config {}: model.path: {} is not a directory",
+        path.display(),
+        model_path.display()
+    )]
+    ModelDirMissing { path: PathBuf, model_path: PathBuf },
+}
 
 /// The whole run configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,32 +68,39 @@ impl RunConfig {
     /// Reads a TOML file and checks it, including that the model directory exists. Relative
     /// paths inside it are resolved against the file's directory, so a config works from any
     /// working directory.
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let config = Self::parse(&text, path)?;
         if !config.model.path.is_dir() {
-            bail!(
-                "invalid config {}: model.path: {} is not a directory",
-                path.display(),
-                config.model.path.display()
-            );
+            return Err(ConfigError::ModelDirMissing {
+                path: path.to_path_buf(),
+                model_path: config.model.path,
+            });
         }
         Ok(config)
     }
 
     /// Parses and validates the values of a config's text (`origin` names the file in errors
     /// and anchors relative paths); touches no other file.
-    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
-        let mut config: RunConfig = toml::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", origin.display(), e.to_string().trim_end()))?;
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let mut config: RunConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
         let base = origin.parent().unwrap_or(Path::new("."));
         config.model.path = resolve(base, &config.model.path);
         config.data.resolve_paths(base);
         config.train.output_dir = resolve(base, &config.train.output_dir);
         config
             .validate()
-            .with_context(|| format!("invalid config {}", origin.display()))?;
+            .map_err(|InvalidKey { key, message }| ConfigError::Invalid {
+                path: origin.to_path_buf(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -92,9 +133,28 @@ impl RunConfig {
         value
     }
 
-    fn validate(&self) -> Result<()> {
-        self.data.validate()?;
-        self.method.validate()?;
+    /// Checks every section; the error names the key.
+    fn validate(&self) -> Result<(), InvalidKey> {
+        self.data.validate().map_err(|e| {
+            let key = match &e {
+                DataError::Config { key, .. } => key.clone(),
+                _ => "data".into(),
+            };
+            InvalidKey {
+                key,
+                message: e.to_string(),
+            }
+        })?;
+        // The method's messages start with the key (`method.beta must be ...`).
+        self.method.validate().map_err(|e| {
+            let message = format!("{e:#}");
+            let key = message
+                .split([' ', ':'])
+                .next()
+                .unwrap_or("method")
+                .to_owned();
+            InvalidKey { key, message }
+        })?;
         self.train.validate()
     }
 }
@@ -161,6 +221,54 @@ mod tests {
             "{:#}",
             RunConfig::parse(text, Path::new("/cfg/run.toml")).unwrap_err()
         )
+    }
+
+    /// The kind of error is a variant: a bad value names its key, an unknown key is a parse
+    /// error, a missing model directory its own.
+    #[test]
+    fn errors_are_typed() {
+        let origin = Path::new("/cfg/run.toml");
+        let bad_rate = MINIMAL.replace("[train]\n", "[train]\nlearning_rate = 0\n");
+        match RunConfig::parse(&bad_rate, origin) {
+            Err(ConfigError::Invalid { path, key, .. }) => {
+                assert_eq!(
+                    (path.as_path(), key.as_str()),
+                    (origin, "train.learning_rate")
+                )
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        let bad_batch = MINIMAL.replace("micro_batch = 2", "micro_batch = 3");
+        let err = RunConfig::parse(&bad_batch, origin).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "data.global_batch"),
+            "{err:?}"
+        );
+        let bad_beta = MINIMAL.replace("[method]\n", "[method]\nbeta = -1\n");
+        let err = RunConfig::parse(&bad_beta, origin).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "method.beta"),
+            "{err:?}"
+        );
+        let unknown = MINIMAL.replace("[train]\n", "[train]\nlearning_rat = 1e-5\n");
+        assert!(matches!(
+            RunConfig::parse(&unknown, origin),
+            Err(ConfigError::Parse { .. })
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        assert!(matches!(
+            RunConfig::load(&path),
+            Err(ConfigError::Read { .. })
+        ));
+        std::fs::write(&path, MINIMAL).unwrap();
+        match RunConfig::load(&path) {
+            Err(ConfigError::ModelDirMissing { model_path, .. }) => {
+                assert_eq!(model_path, dir.path().join("m"))
+            }
+            other => panic!("expected ModelDirMissing, got {other:?}"),
+        }
     }
 
     #[test]

@@ -3,11 +3,29 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
 use modpo_launcher::CollectiveChoice;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::Schedule;
+
+/// A config key whose value is not allowed: `key` is `section.name`, `message` the whole
+/// explanation, starting with the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidKey {
+    pub key: String,
+    pub message: String,
+}
+
+impl InvalidKey {
+    /// `train.<key> <rule>`: the key and what its value must be.
+    fn train(key: &str, rule: String) -> Self {
+        InvalidKey {
+            key: format!("train.{key}"),
+            message: format!("train.{key} {rule}"),
+        }
+    }
+}
 
 /// `[train]`: the optimisation and where the run is written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,55 +125,57 @@ mod defaults {
 
 impl TrainConfig {
     /// `collective` as a launcher choice.
-    pub fn collective_choice(&self) -> Result<CollectiveChoice> {
-        self.collective
-            .parse()
-            .map_err(|e| anyhow::anyhow!("train.collective: {e}"))
+    pub fn collective_choice(&self) -> Result<CollectiveChoice, InvalidKey> {
+        self.collective.parse().map_err(|e| InvalidKey {
+            key: "train.collective".into(),
+            message: format!("train.collective: {e}"),
+        })
     }
 
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), InvalidKey> {
+        let invalid = |key: &str, rule: String| Err(InvalidKey::train(key, rule));
         let positive = |v: f64| v > 0.0 && v.is_finite();
         if !positive(self.learning_rate) {
-            bail!(
-                "train.learning_rate must be a positive number, got {}",
-                self.learning_rate
+            let rate = self.learning_rate;
+            return invalid(
+                "learning_rate",
+                format!("must be a positive number, got {rate}"),
             );
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
-            bail!(
-                "train.warmup_ratio must be in [0, 1), got {}",
-                self.warmup_ratio
-            );
+            let ratio = self.warmup_ratio;
+            return invalid("warmup_ratio", format!("must be in [0, 1), got {ratio}"));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            bail!("train.weight_decay must be >= 0, got {}", self.weight_decay);
+            let decay = self.weight_decay;
+            return invalid("weight_decay", format!("must be >= 0, got {decay}"));
         }
         if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
-            bail!(
-                "train.max_grad_norm must be >= 0 (0 disables clipping), got {}",
-                self.max_grad_norm
-            );
+            let norm = self.max_grad_norm;
+            let rule = format!("must be >= 0 (0 disables clipping), got {norm}");
+            return invalid("max_grad_norm", rule);
         }
         for (key, beta) in [
             ("adam_beta1", self.adam_beta1),
             ("adam_beta2", self.adam_beta2),
         ] {
             if !(0.0..1.0).contains(&beta) {
-                bail!("train.{key} must be in [0, 1), got {beta}");
+                return invalid(key, format!("must be in [0, 1), got {beta}"));
             }
         }
         if !positive(self.adam_eps) {
-            bail!("train.adam_eps must be positive, got {}", self.adam_eps);
+            let eps = self.adam_eps;
+            return invalid("adam_eps", format!("must be positive, got {eps}"));
         }
         if self.epochs == 0 {
-            bail!("train.epochs must be at least 1");
+            return invalid("epochs", "must be at least 1".into());
         }
         self.collective_choice()?;
         if self.keep_checkpoints == 0 {
-            bail!("train.keep_checkpoints must be at least 1");
+            return invalid("keep_checkpoints", "must be at least 1".into());
         }
         if self.max_steps == Some(0) {
-            bail!("train.max_steps must be at least 1 when given");
+            return invalid("max_steps", "must be at least 1 when given".into());
         }
         Ok(())
     }

@@ -7,10 +7,10 @@
 //! micro-batches, rank r taking micro-batches `r*acc .. (r+1)*acc`. So every (world size,
 //! accumulation) with the same global batch trains on exactly the same pairs per step.
 
-use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 
 use super::config::DataConfig;
+use super::error::DataError;
 use super::split::seeded_rng;
 use super::tokenize::TokenizedPair;
 
@@ -30,7 +30,7 @@ pub struct BatchPlan {
 impl BatchPlan {
     /// The plan of `config` on `world_size` ranks; accumulation is derived when not given. The
     /// error names every factor.
-    pub fn new(config: &DataConfig, world_size: usize) -> Result<Self> {
+    pub fn new(config: &DataConfig, world_size: usize) -> Result<Self, DataError> {
         BatchPlan::from_factors(
             config.global_batch,
             config.micro_batch,
@@ -44,25 +44,27 @@ impl BatchPlan {
         micro_batch: usize,
         accumulation: Option<usize>,
         world_size: usize,
-    ) -> Result<Self> {
+    ) -> Result<Self, DataError> {
+        let refused = DataError::BatchGeometry {
+            global_batch,
+            micro_batch,
+            accumulation,
+            world_size,
+        };
         if world_size == 0 || micro_batch == 0 || accumulation == Some(0) {
-            bail!("world_size, micro_batch and accumulation must be at least 1");
+            return Err(refused);
         }
         let accumulation = match accumulation {
             Some(acc) => acc,
             None => {
                 if global_batch == 0 || !global_batch.is_multiple_of(micro_batch * world_size) {
-                    bail!(
-                        "global_batch {global_batch} is not a multiple of micro_batch x world_size = {micro_batch} x {world_size}"
-                    );
+                    return Err(refused);
                 }
                 global_batch / (micro_batch * world_size)
             }
         };
         if micro_batch * accumulation * world_size != global_batch {
-            bail!(
-                "global_batch {global_batch} is not micro_batch x accumulation x world_size = {micro_batch} x {accumulation} x {world_size}"
-            );
+            return Err(refused);
         }
         Ok(BatchPlan {
             global_batch,

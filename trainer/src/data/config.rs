@@ -5,8 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+
+use super::error::DataError;
 
 /// The layout of the preference records in `train_file` / `eval_file`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,52 +102,72 @@ pub const DEFAULT_EVAL_FRACTION: f64 = 0.05;
 
 impl DataConfig {
     /// Checks every key on its own and against the others; the error names the key.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), DataError> {
         self.dimension_names()?;
         if let Some(fraction) = self.eval_fraction {
             if self.eval_file.is_some() {
-                bail!("data.eval_fraction: cannot be combined with data.eval_file (which already is the held-out set)");
+                return Err(DataError::config(
+                    "eval_fraction",
+                    "cannot be combined with data.eval_file (which already is the held-out set)",
+                ));
             }
             if !(0.0..1.0).contains(&fraction) {
-                bail!("data.eval_fraction: {fraction} is not in [0, 1)");
+                return Err(DataError::config(
+                    "eval_fraction",
+                    format!("{fraction} is not in [0, 1)"),
+                ));
             }
         }
         if self.max_length < 2 {
-            bail!(
-                "data.max_length: {} leaves no room for a prompt token and a response token",
-                self.max_length
-            );
+            return Err(DataError::config(
+                "max_length",
+                format!(
+                    "{} leaves no room for a prompt token and a response token",
+                    self.max_length
+                ),
+            ));
         }
         if let Some(min_prompt) = self.min_prompt_tokens {
             if min_prompt == 0 || min_prompt >= self.max_length {
-                bail!(
-                    "data.min_prompt_tokens: {min_prompt} must be at least 1 and below data.max_length = {}",
-                    self.max_length
-                );
+                return Err(DataError::config(
+                    "min_prompt_tokens",
+                    format!(
+                        "{min_prompt} must be at least 1 and below data.max_length = {}",
+                        self.max_length
+                    ),
+                ));
             }
         }
         if self.micro_batch == 0 {
-            bail!("data.micro_batch: must be at least 1");
+            return Err(DataError::config("micro_batch", "must be at least 1"));
         }
         if self.global_batch == 0 {
-            bail!("data.global_batch: must be at least 1");
+            return Err(DataError::config("global_batch", "must be at least 1"));
         }
         if self.accumulation == Some(0) {
-            bail!("data.accumulation: must be at least 1");
+            return Err(DataError::config("accumulation", "must be at least 1"));
         }
         let per_rank = self.micro_batch * self.accumulation.unwrap_or(1);
         if !self.global_batch.is_multiple_of(per_rank) {
             match self.accumulation {
-                Some(acc) => bail!(
-                    "data.global_batch: {} is not a multiple of micro_batch x accumulation = {} x {acc}",
-                    self.global_batch,
-                    self.micro_batch
-                ),
-                None => bail!(
-                    "data.global_batch: {} is not a multiple of data.micro_batch = {}",
-                    self.global_batch,
-                    self.micro_batch
-                ),
+                Some(acc) => {
+                    return Err(DataError::config(
+                        "global_batch",
+                        format!(
+                            "{} is not a multiple of micro_batch x accumulation = {} x {acc}",
+                            self.global_batch, self.micro_batch
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(DataError::config(
+                        "global_batch",
+                        format!(
+                            "{} is not a multiple of data.micro_batch = {}",
+                            self.global_batch, self.micro_batch
+                        ),
+                    ))
+                }
             }
         }
         Ok(())
@@ -155,36 +176,51 @@ impl DataConfig {
     /// The dimension names of this run, checked against the source: for the native formats
     /// every name must be one the source carries (an unknown name is an error naming it and
     /// the known ones), for `generic` they must be given. No name may repeat.
-    pub fn dimension_names(&self) -> Result<Vec<String>> {
+    pub fn dimension_names(&self) -> Result<Vec<String>, DataError> {
         let names: Vec<String> = match (&self.dimensions, self.format.native_dimensions()) {
             (Some(names), native) => {
                 if let Some(native) = native {
                     for name in names {
                         if !native.contains(&name.as_str()) {
-                            bail!(
-                                "data.dimensions: unknown dimension `{name}` for format {}; known: {}",
-                                self.format.name(),
-                                native.join(", ")
-                            );
+                            return Err(DataError::config(
+                                "dimensions",
+                                format!(
+                                    "unknown dimension `{name}` for format {}; known: {}",
+                                    self.format.name(),
+                                    native.join(", ")
+                                ),
+                            ));
                         }
                     }
                 }
                 names.clone()
             }
             (None, Some(native)) => native.iter().map(|s| s.to_string()).collect(),
-            (None, None) => bail!(
-                "data.dimensions: required for format generic (the names of the score vector components)"
-            ),
+            (None, None) => {
+                return Err(DataError::config(
+                    "dimensions",
+                    "required for format generic (the names of the score vector components)",
+                ))
+            }
         };
         if names.is_empty() {
-            bail!("data.dimensions: must name at least one dimension");
+            return Err(DataError::config(
+                "dimensions",
+                "must name at least one dimension",
+            ));
         }
         for (i, name) in names.iter().enumerate() {
             if name.trim().is_empty() {
-                bail!("data.dimensions: entry {i} is an empty name");
+                return Err(DataError::config(
+                    "dimensions",
+                    format!("entry {i} is an empty name"),
+                ));
             }
             if names[..i].contains(name) {
-                bail!("data.dimensions: `{name}` is listed twice");
+                return Err(DataError::config(
+                    "dimensions",
+                    format!("`{name}` is listed twice"),
+                ));
             }
         }
         Ok(names)
@@ -218,8 +254,8 @@ impl DataConfig {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<DataConfig> {
-        Ok(toml::from_str(text)?)
+    fn parse(text: &str) -> Result<DataConfig, toml::de::Error> {
+        toml::from_str(text)
     }
 
     const BASE: &str = "train_file = \"t.jsonl\"\nglobal_batch = 8\nmicro_batch = 2\n";

@@ -4,14 +4,12 @@
 
 use std::fmt::Write;
 
-use anyhow::Result;
-
-use super::{load, DataConfig, PreferenceData, SplitData};
+use super::{load, DataConfig, DataError, PreferenceData, SplitData};
 use crate::tokenizer::ChatTokenizer;
 
 /// Loads the data of `config` (reading and writing the token cache like a training run) and
 /// returns the report as text.
-pub fn inspect(config: &DataConfig, tokenizer: &ChatTokenizer) -> Result<String> {
+pub fn inspect(config: &DataConfig, tokenizer: &ChatTokenizer) -> Result<String, DataError> {
     let data = load(config, tokenizer)?;
     Ok(report(config, &data))
 }
@@ -78,9 +76,26 @@ fn length_row(label: &str, mut values: Vec<usize>) -> Vec<String> {
     row
 }
 
+/// The train and the eval side, by name, as the report's columns.
+type Sides<'a> = [(&'static str, &'a SplitData); 2];
+
 /// The report of loaded data.
 pub fn report(config: &DataConfig, data: &PreferenceData) -> String {
     let mut out = String::new();
+    write_files(&mut out, config, data);
+    let sides: Sides = [("train", &data.train), ("eval", &data.eval)];
+    write_pairs(&mut out, config, &sides);
+    write_preferences(&mut out, &data.dimensions, &sides);
+    write_conflicts(&mut out, &data.dimensions, &sides);
+    for (name, side) in sides {
+        write_lengths(&mut out, name, side);
+    }
+    write_stage_batches(&mut out, config, data);
+    out
+}
+
+/// The format and dimensions, each file read, and how the eval side was formed.
+fn write_files(out: &mut String, config: &DataConfig, data: &PreferenceData) {
     let _ = writeln!(
         out,
         "format {}, {} dimensions: {}",
@@ -119,8 +134,10 @@ pub fn report(config: &DataConfig, data: &PreferenceData) -> String {
             );
         }
     }
-    let sides: [(&str, &SplitData); 2] = [("train", &data.train), ("eval", &data.eval)];
+}
 
+/// Prompts and pairs of each side: formed, agree / conflict, dropped, kept, truncated.
+fn write_pairs(out: &mut String, config: &DataConfig, sides: &Sides) {
     out.push_str("\npairs\n");
     let mut table = Table::new(&["", "train", "eval"]);
     let mut add = |label: &str, f: &dyn Fn(&SplitData) -> usize| {
@@ -143,27 +160,33 @@ pub fn report(config: &DataConfig, data: &PreferenceData) -> String {
     );
     add("  response", &|s| s.truncated().1);
     add("  pairs (either)", &|s| s.truncated().2);
-    table.render(&mut out);
+    table.render(out);
+}
 
+/// Per dimension, how many pairs prefer a, b, or neither, on each side.
+fn write_preferences(out: &mut String, dimensions: &[String], sides: &Sides) {
     out.push_str("\nper-dimension preference (over agree + conflict pairs formed; tie = masked)\n");
     let mut table = Table::new(&["", "train a", "b", "tie", "eval a", "b", "tie"]);
-    for (i, name) in data.dimensions.iter().enumerate() {
+    for (i, name) in dimensions.iter().enumerate() {
         let mut row = vec![name.clone()];
-        for (_, side) in &sides {
+        for (_, side) in sides {
             let c = side.counts.per_dimension[i];
             row.extend([c.prefers_a, c.prefers_b, c.ties].map(|n| n.to_string()));
         }
         table.row(row);
     }
-    table.render(&mut out);
+    table.render(out);
+}
 
+/// For every two dimensions, the pairs where they prefer different responses.
+fn write_conflicts(out: &mut String, dimensions: &[String], sides: &Sides) {
     out.push_str(
         "\nconflicts between dimensions (pairs where the two prefer different responses)\n",
     );
     let mut table = Table::new(&["", "train", "eval"]);
-    for i in 0..data.dimensions.len() {
-        for j in i + 1..data.dimensions.len() {
-            let mut row = vec![format!("{} x {}", data.dimensions[i], data.dimensions[j])];
+    for i in 0..dimensions.len() {
+        for j in i + 1..dimensions.len() {
+            let mut row = vec![format!("{} x {}", dimensions[i], dimensions[j])];
             row.extend(
                 sides
                     .iter()
@@ -172,35 +195,39 @@ pub fn report(config: &DataConfig, data: &PreferenceData) -> String {
             table.row(row);
         }
     }
-    if data.dimensions.len() < 2 {
+    if dimensions.len() < 2 {
         table.row(vec!["(one dimension: no pairs of dimensions)".into()]);
     }
-    table.render(&mut out);
+    table.render(out);
+}
 
-    for (name, side) in sides {
-        let _ = writeln!(
-            out,
-            "\n{name} token lengths before truncation (kept pairs; responses include EOS)"
-        );
-        let mut table = Table::new(&["", "p50", "p90", "p99", "max"]);
-        let t: Vec<_> = side.pairs.iter().map(|p| p.truncation).collect();
-        table.row(length_row(
-            "prompt",
-            t.iter().map(|t| t.prompt_len).collect(),
-        ));
-        table.row(length_row(
-            "response",
-            t.iter()
-                .flat_map(|t| [t.response_a_len, t.response_b_len])
-                .collect(),
-        ));
-        table.row(length_row(
-            "pair (prompt + longer response)",
-            t.iter().map(|t| t.pair_len()).collect(),
-        ));
-        table.render(&mut out);
-    }
+/// Percentiles of the prompt, response and pair lengths of one side's kept pairs.
+fn write_lengths(out: &mut String, name: &str, side: &SplitData) {
+    let _ = writeln!(
+        out,
+        "\n{name} token lengths before truncation (kept pairs; responses include EOS)"
+    );
+    let mut table = Table::new(&["", "p50", "p90", "p99", "max"]);
+    let t: Vec<_> = side.pairs.iter().map(|p| p.truncation).collect();
+    table.row(length_row(
+        "prompt",
+        t.iter().map(|t| t.prompt_len).collect(),
+    ));
+    table.row(length_row(
+        "response",
+        t.iter()
+            .flat_map(|t| [t.response_a_len, t.response_b_len])
+            .collect(),
+    ));
+    table.row(length_row(
+        "pair (prompt + longer response)",
+        t.iter().map(|t| t.pair_len()).collect(),
+    ));
+    table.render(out);
+}
 
+/// The pairs and global batches each curriculum stage trains on per epoch.
+fn write_stage_batches(out: &mut String, config: &DataConfig, data: &PreferenceData) {
     let g = config.global_batch;
     let _ = writeln!(
         out,
@@ -224,14 +251,13 @@ pub fn report(config: &DataConfig, data: &PreferenceData) -> String {
             (pairs % g).to_string(),
         ]);
     }
-    table.render(&mut out);
+    table.render(out);
     if subset < conflict {
         let _ = writeln!(
             out,
             "note: D_agree has only {agree} pairs, fewer than |D_conflict| = {conflict}: stage 3 uses all of them"
         );
     }
-    out
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod config;
+mod error;
 pub mod inspect;
 pub mod records;
 pub mod sources;
@@ -19,10 +20,9 @@ pub mod tokenize;
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use anyhow::Result;
-
 pub use batch::{collate, epoch_batches, eval_micro_batches, BatchPlan, EpochBatches, MicroBatch};
 pub use config::{DataConfig, DataFormat};
+pub use error::{BoxError, DataError, Location};
 pub use inspect::inspect;
 pub use sources::{read_source, PreferencePair, SourceData};
 pub use split::{PairKind, Preference, PreferenceCounts};
@@ -136,7 +136,7 @@ impl PreferenceData {
 }
 
 /// Reads, splits and tokenizes the data of `config`.
-pub fn load(config: &DataConfig, tokenizer: &ChatTokenizer) -> Result<PreferenceData> {
+pub fn load(config: &DataConfig, tokenizer: &ChatTokenizer) -> Result<PreferenceData, DataError> {
     config.validate()?;
     let dimensions = config.dimension_names()?;
     let k = dimensions.len();

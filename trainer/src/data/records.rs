@@ -10,7 +10,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Float16Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type,
@@ -22,6 +21,10 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
+
+use super::error::{BoxError, DataError, Location};
+
+type Result<T, E = DataError> = std::result::Result<T, E>;
 
 /// The container of a data file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,28 +128,30 @@ impl RecordFile {
     /// is an error here; a JSON record lacking one is reported by the dataset reader, which
     /// knows whether the field is required.
     pub fn read(path: &Path, columns: &[&str]) -> Result<RecordFile> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read data file {}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let kind = FileKind::detect(path, &bytes);
         let records = match kind {
-            FileKind::Jsonl => parse_jsonl(path, &bytes, columns)?,
+            FileKind::Jsonl => parse_jsonl(path, kind, &bytes, columns)?,
             FileKind::JsonlGz => {
                 let mut text = Vec::new();
                 flate2::read::MultiGzDecoder::new(&bytes[..])
                     .read_to_end(&mut text)
-                    .with_context(|| {
-                        format!(
-                            "{}: cannot decompress gzip data (truncated or corrupt file?)",
-                            path.display()
-                        )
+                    .map_err(|source| DataError::Decompress {
+                        path: path.to_path_buf(),
+                        source,
                     })?;
-                parse_jsonl(path, &text, columns)?
+                parse_jsonl(path, kind, &text, columns)?
             }
             FileKind::Parquet => read_parquet(path, bytes, columns)?,
         };
         if records.is_empty() {
-            bail!("{}: no records (the file is empty)", path.display());
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+            });
         }
         Ok(RecordFile {
             path: path.to_path_buf(),
@@ -157,23 +162,32 @@ impl RecordFile {
     }
 
     /// Where a record comes from, for error messages: `file:line` or `file row n`.
-    pub fn locate(&self, line: usize) -> String {
-        match self.kind {
-            FileKind::Parquet => format!("{} row {line}", self.path.display()),
-            _ => format!("{}:{line}", self.path.display()),
+    pub fn locate(&self, line: usize) -> Location {
+        Location {
+            path: self.path.clone(),
+            line,
+            kind: self.kind,
         }
     }
 }
 
 /// Parses JSON Lines in parallel; blank lines are skipped, any other line must be a JSON
 /// object. The first bad line in file order is the one reported.
-fn parse_jsonl(path: &Path, text: &[u8], columns: &[&str]) -> Result<Vec<Record>> {
+fn parse_jsonl(path: &Path, kind: FileKind, text: &[u8], columns: &[&str]) -> Result<Vec<Record>> {
     let lines: Vec<(usize, &[u8])> = text
         .split(|&b| b == b'\n')
         .enumerate()
         .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
         .map(|(i, line)| (i + 1, line))
         .collect();
+    let malformed = |line: usize, message: String| DataError::Malformed {
+        at: Box::new(Location {
+            path: path.to_path_buf(),
+            line,
+            kind,
+        }),
+        message,
+    };
     let parsed: Vec<Result<Record>> = lines
         .par_iter()
         .map(|&(line, bytes)| {
@@ -185,14 +199,14 @@ fn parse_jsonl(path: &Path, text: &[u8], columns: &[&str]) -> Result<Vec<Record>
                 } else {
                     ""
                 };
-                anyhow!("{}:{line}: malformed JSON: {e}{hint}", path.display())
+                malformed(line, format!("malformed JSON: {e}{hint}"))
             })?;
             let serde_json::Value::Object(mut object) = value else {
-                bail!(
-                    "{}:{line}: expected a JSON object, got {}",
-                    path.display(),
-                    Field::from_json(value).describe()
-                );
+                let got = Field::from_json(value).describe();
+                return Err(malformed(
+                    line,
+                    format!("expected a JSON object, got {got}"),
+                ));
             };
             let fields = columns
                 .iter()
@@ -206,24 +220,23 @@ fn parse_jsonl(path: &Path, text: &[u8], columns: &[&str]) -> Result<Vec<Record>
 
 /// Reads the requested columns of a Parquet file through Arrow, row by row.
 fn read_parquet(path: &Path, bytes: Vec<u8>, columns: &[&str]) -> Result<Vec<Record>> {
-    let context = || format!("{}: cannot read Parquet file", path.display());
+    let refused = |source: BoxError| DataError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-        .with_context(context)?;
+        .map_err(|e| refused(e.into()))?;
     let schema = builder.schema().clone();
+    let missing = |column: &str, schema: &arrow_schema::Schema| DataError::MissingColumn {
+        path: path.to_path_buf(),
+        column: column.to_owned(),
+        available: schema.fields().iter().map(|f| f.name().clone()).collect(),
+    };
     let mut roots = Vec::with_capacity(columns.len());
     for name in columns {
         match schema.index_of(name) {
             Ok(index) => roots.push(index),
-            Err(_) => bail!(
-                "{}: missing column `{name}` (the file has: {})",
-                path.display(),
-                schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Err(_) => return Err(missing(name, &schema)),
         }
     }
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
@@ -231,43 +244,39 @@ fn read_parquet(path: &Path, bytes: Vec<u8>, columns: &[&str]) -> Result<Vec<Rec
         .with_projection(mask)
         .with_batch_size(4096)
         .build()
-        .with_context(context)?;
+        .map_err(|e| refused(e.into()))?;
     let mut records = Vec::new();
     for batch in reader {
-        let batch = batch.with_context(context)?;
+        let batch = batch.map_err(|e| refused(e.into()))?;
         let arrays: Vec<ArrayRef> = columns
             .iter()
             .map(|name| {
                 batch
                     .column_by_name(name)
                     .cloned()
-                    .ok_or_else(|| anyhow!("{}: column `{name}` vanished", path.display()))
+                    .ok_or_else(|| missing(name, &batch.schema()))
             })
             .collect::<Result<_>>()?;
         for row in 0..batch.num_rows() {
             let line = records.len() + 1;
             let fields = arrays
                 .iter()
-                .zip(columns)
-                .map(|(array, name)| {
-                    cell(array.as_ref(), row)
-                        .map(Some)
-                        .with_context(|| format!("{} row {line}: column `{name}`", path.display()))
-                })
-                .collect::<Result<_>>()?;
+                .map(|array| Some(cell(array.as_ref(), row)))
+                .collect();
             records.push(Record { line, fields });
         }
     }
     Ok(records)
 }
 
-/// One Arrow cell as a [`Field`].
-fn cell(array: &dyn Array, row: usize) -> Result<Field> {
+/// One Arrow cell as a [`Field`]; a type no dataset field has becomes [`Field::Other`], which
+/// the dataset reader reports with the field's name.
+fn cell(array: &dyn Array, row: usize) -> Field {
     if array.is_null(row) {
-        return Ok(Field::Null);
+        return Field::Null;
     }
     let int = |i: i64| Field::Int(i);
-    Ok(match array.data_type() {
+    match array.data_type() {
         DataType::Null => Field::Null,
         DataType::Boolean => Field::Bool(array.as_boolean().value(row)),
         DataType::Utf8 => Field::Str(array.as_string::<i32>().value(row).to_owned()),
@@ -289,18 +298,15 @@ fn cell(array: &dyn Array, row: usize) -> Result<Field> {
         DataType::Float16 => Field::Float(array.as_primitive::<Float16Type>().value(row).to_f64()),
         DataType::Float32 => Field::Float(array.as_primitive::<Float32Type>().value(row).into()),
         DataType::Float64 => Field::Float(array.as_primitive::<Float64Type>().value(row)),
-        DataType::List(_) => list(array.as_list::<i32>().value(row))?,
-        DataType::LargeList(_) => list(array.as_list::<i64>().value(row))?,
-        DataType::FixedSizeList(_, _) => list(array.as_fixed_size_list().value(row))?,
+        DataType::List(_) => list(array.as_list::<i32>().value(row)),
+        DataType::LargeList(_) => list(array.as_list::<i64>().value(row)),
+        DataType::FixedSizeList(_, _) => list(array.as_fixed_size_list().value(row)),
         other => Field::Other(format!("a value of Arrow type {other}")),
-    })
+    }
 }
 
-fn list(items: Arc<dyn Array>) -> Result<Field> {
-    (0..items.len())
-        .map(|i| cell(items.as_ref(), i))
-        .collect::<Result<_>>()
-        .map(Field::List)
+fn list(items: Arc<dyn Array>) -> Field {
+    Field::List((0..items.len()).map(|i| cell(items.as_ref(), i)).collect())
 }
 
 #[cfg(test)]

@@ -8,10 +8,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
-
 use super::config::DataFormat;
+use super::error::{DataError, Location};
 use super::records::{Field, Record, RecordFile};
+
+type Result<T, E = DataError> = std::result::Result<T, E>;
 
 /// One preference sample as read from a source, before tokenization.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,15 +63,42 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
-    fn at(&self) -> String {
-        self.file.locate(self.record.line)
+    fn at(&self) -> Box<Location> {
+        Box::new(self.file.locate(self.record.line))
+    }
+
+    fn name(&self, index: usize) -> String {
+        self.columns[index].to_owned()
     }
 
     fn field(&self, index: usize) -> Result<&Field> {
         match &self.record.fields[index] {
-            None => bail!("{}: missing field `{}`", self.at(), self.columns[index]),
-            Some(Field::Null) => bail!("{}: field `{}` is null", self.at(), self.columns[index]),
+            None => Err(DataError::MissingField {
+                at: self.at(),
+                field: self.name(index),
+            }),
+            Some(Field::Null) => Err(DataError::NullField {
+                at: self.at(),
+                field: self.name(index),
+            }),
             Some(field) => Ok(field),
+        }
+    }
+
+    /// A [`DataError::WrongType`] of field `index` (of its score of `dimension` if given).
+    fn wrong_type(
+        &self,
+        index: usize,
+        dimension: Option<&str>,
+        expected: impl Into<String>,
+        got: &Field,
+    ) -> DataError {
+        DataError::WrongType {
+            at: self.at(),
+            field: self.name(index),
+            dimension: dimension.map(str::to_owned),
+            expected: expected.into(),
+            got: got.describe(),
         }
     }
 
@@ -78,16 +106,12 @@ impl Row<'_> {
     /// tokens to learn from and almost always means a broken export.
     fn text(&self, index: usize) -> Result<String> {
         match self.field(index)? {
-            Field::Str(s) if s.trim().is_empty() => {
-                bail!("{}: field `{}` is empty", self.at(), self.columns[index])
-            }
+            Field::Str(s) if s.trim().is_empty() => Err(DataError::EmptyText {
+                at: self.at(),
+                field: self.name(index),
+            }),
             Field::Str(s) => Ok(s.clone()),
-            other => bail!(
-                "{}: field `{}`: expected a string, got {}",
-                self.at(),
-                self.columns[index],
-                other.describe()
-            ),
+            other => Err(self.wrong_type(index, None, "a string", other)),
         }
     }
 
@@ -96,63 +120,54 @@ impl Row<'_> {
         match self.field(index)? {
             Field::Int(i @ (0 | 1)) => Ok(*i as usize),
             Field::Float(x) if *x == 0.0 || *x == 1.0 => Ok(*x as usize),
-            other => bail!(
-                "{}: field `{}`: expected 0 or 1, got {}",
-                self.at(),
-                self.columns[index],
-                other.describe()
-            ),
+            other => Err(self.wrong_type(index, None, "0 or 1", other)),
         }
     }
 
     fn score(&self, index: usize) -> Result<f64> {
-        score_value(self.field(index)?)
-            .map_err(|why| anyhow::anyhow!("{}: field `{}`: {why}", self.at(), self.columns[index]))
+        self.score_value(index, None, self.field(index)?)
     }
 
     /// A score vector with one finite number per dimension.
     fn scores(&self, index: usize, dimensions: &[String]) -> Result<Vec<f64>> {
-        let name = self.columns[index];
-        let Field::List(items) = self.field(index)? else {
-            bail!(
-                "{}: field `{name}`: expected a list of {} scores, got {}",
-                self.at(),
-                dimensions.len(),
-                self.field(index)?.describe()
-            );
+        let field = self.field(index)?;
+        let Field::List(items) = field else {
+            let expected = format!("a list of {} scores", dimensions.len());
+            return Err(self.wrong_type(index, None, expected, field));
         };
         if items.len() != dimensions.len() {
-            bail!(
-                "{}: field `{name}` has {} scores, expected {} (one per dimension: {})",
-                self.at(),
-                items.len(),
-                dimensions.len(),
-                dimensions.join(", ")
-            );
+            return Err(DataError::ScoreLength {
+                at: self.at(),
+                field: self.name(index),
+                expected: dimensions.len(),
+                got: items.len(),
+                dimensions: dimensions.to_vec(),
+            });
         }
         items
             .iter()
             .zip(dimensions)
-            .map(|(item, dim)| {
-                score_value(item).map_err(|why| {
-                    anyhow::anyhow!("{}: field `{name}`, score of `{dim}`: {why}", self.at())
-                })
-            })
+            .map(|(item, dim)| self.score_value(index, Some(dim), item))
             .collect()
     }
-}
 
-/// A finite number; NaN and infinities would poison every comparison made with them.
-fn score_value(field: &Field) -> std::result::Result<f64, String> {
-    let value = match field {
-        Field::Int(i) => *i as f64,
-        Field::Float(x) => *x,
-        other => return Err(format!("expected a number, got {}", other.describe())),
-    };
-    if value.is_finite() {
-        Ok(value)
-    } else {
-        Err(format!("score {value} is not a finite number"))
+    /// A finite number; NaN and infinities would poison every comparison made with them.
+    fn score_value(&self, index: usize, dimension: Option<&str>, field: &Field) -> Result<f64> {
+        let value = match field {
+            Field::Int(i) => *i as f64,
+            Field::Float(x) => *x,
+            other => return Err(self.wrong_type(index, dimension, "a number", other)),
+        };
+        if value.is_finite() {
+            Ok(value)
+        } else {
+            Err(DataError::NonFiniteScore {
+                at: self.at(),
+                field: self.name(index),
+                dimension: dimension.map(str::to_owned),
+                value,
+            })
+        }
     }
 }
 
@@ -482,6 +497,39 @@ mod tests {
         assert!(
             err.contains("short.parquet: missing column `verbosity`"),
             "{err}"
+        );
+    }
+
+    /// A caller can tell a malformed line from an unreadable file, and read where it is.
+    #[test]
+    fn errors_are_typed_with_their_location() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = r#"{"prompt": "p", "response_a": "a", "response_b": "b", "scores_a": [1], "scores_b": [0]}"#;
+        let path = write(&dir, "g.jsonl", &format!("{ok}\n\n{{\"prompt\": \n"));
+        match read_source(&path, DataFormat::Generic, &dims(&["x"])) {
+            Err(DataError::Malformed { at, message }) => {
+                assert_eq!((at.path.as_path(), at.line), (path.as_path(), 3));
+                assert!(message.starts_with("malformed JSON"), "{message}");
+            }
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+
+        let path = write(&dir, "short.jsonl", &ok.replace("[0]", "[0, 1]"));
+        let err = read_source(&path, DataFormat::Generic, &dims(&["x"])).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                DataError::ScoreLength { field, expected: 1, got: 2, .. } if field == "scores_b"
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.location().map(|at| at.line), Some(1));
+
+        let missing = dir.path().join("absent.jsonl");
+        let err = read_source(&missing, DataFormat::Generic, &dims(&["x"])).unwrap_err();
+        assert!(
+            matches!(&err, DataError::Read { path, .. } if *path == missing),
+            "{err:?}"
         );
     }
 

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::config::DataFormat;
+use super::error::DataError;
 use super::sources::SourceData;
 use super::split::{PairKind, Preference};
 use crate::tokenizer::ChatTokenizer;
@@ -44,7 +45,7 @@ pub fn encode_source(
     format: DataFormat,
     tokenizer: &ChatTokenizer,
     cache_dir: Option<&Path>,
-) -> Result<EncodedSource> {
+) -> Result<EncodedSource, DataError> {
     let (prompt_texts, response_texts, pair_texts) = intern_texts(source);
     let cache = cache_dir.map(|dir| cache_path(dir, source, format, tokenizer));
     if let Some((path, key)) = &cache {
@@ -73,37 +74,28 @@ pub fn encode_source(
     let prompts = prompt_texts
         .par_iter()
         .map(|text| {
-            let ids = tokenizer.encode_prompt(text).with_context(|| {
-                format!(
-                    "{}: tokenizing prompt {}",
-                    source.path.display(),
-                    excerpt(text)
-                )
-            })?;
+            let ids = tokenizer
+                .encode_prompt(text)
+                .map_err(|e| tokenize_error(source, "prompt", text, e))?;
             // Response log-probabilities are read from the logits of the token before; a
             // response must never start a sequence.
             if ids.is_empty() {
-                bail!(
-                    "{}: the chat template gives no tokens for prompt {}",
-                    source.path.display(),
-                    excerpt(text)
-                );
+                return Err(DataError::EmptyPrompt {
+                    path: source.path.clone(),
+                    text: excerpt(text),
+                });
             }
             Ok(ids)
         })
         .collect::<Vec<_>>()
         .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, DataError>>()?;
     let responses = response_texts
         .par_iter()
         .map(|text| {
-            let mut ids = tokenizer.encode_text(text).with_context(|| {
-                format!(
-                    "{}: tokenizing response {}",
-                    source.path.display(),
-                    excerpt(text)
-                )
-            })?;
+            let mut ids = tokenizer
+                .encode_text(text)
+                .map_err(|e| tokenize_error(source, "response", text, e))?;
             // Exactly one EOS: a response whose text already ends in the EOS string must not
             // teach the model to emit it twice.
             while ids.last() == Some(&eos) {
@@ -114,10 +106,12 @@ pub fn encode_source(
         })
         .collect::<Vec<_>>()
         .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, DataError>>()?;
     if let Some((path, key)) = &cache {
-        write_cache(path, key, &prompts, &responses)
-            .with_context(|| format!("writing token cache {}", path.display()))?;
+        write_cache(path, key, &prompts, &responses).map_err(|e| DataError::CacheWrite {
+            path: path.clone(),
+            source: e.into(),
+        })?;
     }
     Ok(EncodedSource {
         prompts,
@@ -125,6 +119,21 @@ pub fn encode_source(
         pair_texts,
         from_cache: false,
     })
+}
+
+/// A [`DataError::Tokenize`] of a prompt or response (`what`) of `source`.
+fn tokenize_error(
+    source: &SourceData,
+    what: &'static str,
+    text: &str,
+    error: anyhow::Error,
+) -> DataError {
+    DataError::Tokenize {
+        path: source.path.clone(),
+        what,
+        text: excerpt(text),
+        source: error.into(),
+    }
 }
 
 /// The first characters of a text, for error messages.
