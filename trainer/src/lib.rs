@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod invalid_key;
 pub mod logps;
 pub mod loss;
 pub mod method;

@@ -8,13 +8,13 @@
 //! Adding a loss for the drawn pass: a [`DrawnLoss`] variant, its arm in
 //! [`DrawnLoss::per_row`] and the function in `loss.rs`.
 
-use anyhow::{bail, Result};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::data::split::{agree_subset, seeded_rng};
 use crate::data::TokenizedPair;
+use crate::invalid_key::InvalidKey;
 use crate::loss;
 use crate::model::{AdapterSpec, CausalLm};
 
@@ -101,18 +101,22 @@ fn default_true() -> bool {
 }
 
 impl MethodConfig {
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), InvalidKey> {
+        let invalid = |key: &str, rule: String| Err(InvalidKey::new("method", key, rule));
         if !(self.beta > 0.0 && self.beta.is_finite()) {
-            bail!("method.beta must be a positive number, got {}", self.beta);
+            return invalid(
+                "beta",
+                format!("must be a positive number, got {}", self.beta),
+            );
         }
         if let Some(r) = self.rank {
             if r <= 0 {
-                bail!("method.rank must be positive, got {r}");
+                return invalid("rank", format!("must be positive, got {r}"));
             }
         }
         if let Some(a) = self.alpha {
             if !(a > 0.0 && a.is_finite()) {
-                bail!("method.alpha must be a positive number, got {a}");
+                return invalid("alpha", format!("must be a positive number, got {a}"));
             }
         }
         Ok(())

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use train::{InvalidKey, TrainConfig};
+pub use crate::invalid_key::InvalidKey;
+pub use train::TrainConfig;
 
 use crate::data::{DataConfig, DataError};
 use crate::method::MethodConfig;
@@ -145,16 +146,7 @@ impl RunConfig {
                 message: e.to_string(),
             }
         })?;
-        // The method's messages start with the key (`method.beta must be ...`).
-        self.method.validate().map_err(|e| {
-            let message = format!("{e:#}");
-            let key = message
-                .split([' ', ':'])
-                .next()
-                .unwrap_or("method")
-                .to_owned();
-            InvalidKey { key, message }
-        })?;
+        self.method.validate()?;
         self.train.validate()
     }
 }

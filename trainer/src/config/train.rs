@@ -6,26 +6,8 @@ use std::path::PathBuf;
 use modpo_launcher::CollectiveChoice;
 use serde::{Deserialize, Serialize};
 
+use crate::invalid_key::InvalidKey;
 use crate::optim::Schedule;
-
-/// A config key whose value is not allowed: `key` is `section.name`, `message` the whole
-/// explanation, starting with the key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct InvalidKey {
-    pub key: String,
-    pub message: String,
-}
-
-impl InvalidKey {
-    /// `train.<key> <rule>`: the key and what its value must be.
-    fn train(key: &str, rule: String) -> Self {
-        InvalidKey {
-            key: format!("train.{key}"),
-            message: format!("train.{key} {rule}"),
-        }
-    }
-}
 
 /// `[train]`: the optimisation and where the run is written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,7 +115,7 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<(), InvalidKey> {
-        let invalid = |key: &str, rule: String| Err(InvalidKey::train(key, rule));
+        let invalid = |key: &str, rule: String| Err(InvalidKey::new("train", key, rule));
         let positive = |v: f64| v > 0.0 && v.is_finite();
         if !positive(self.learning_rate) {
             let rate = self.learning_rate;
