@@ -1,30 +1,15 @@
 //! The command line: subcommands listed, and bad input ends in a clear message on stderr and
 //! a non-zero exit, with nothing already written overwritten.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn modpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modpo-trainer"))
-        .args(args)
-        .output()
-        .expect("run modpo-trainer")
-}
+use support::{modpo, pku_sample, stderr};
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).to_string()
-}
-
+/// The tiny model `modpo-trainer tiny-model --out DIR` writes (seed 0).
 fn tiny_model(dir: &Path) {
-    let out = modpo(&["tiny-model", "--out", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
-fn pku_sample() -> String {
-    format!(
-        "{}/../../shared/data/pku_saferlhf_sample.jsonl",
-        env!("CARGO_MANIFEST_DIR")
-    )
+    support::tiny_model(dir, 0);
 }
 
 fn write_config(dir: &Path, train_file: &str, extra_train: &str) -> String {
@@ -94,7 +79,11 @@ fn malformed_data_line_names_file_and_line() {
 fn unknown_config_key_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     tiny_model(&tmp.path().join("model"));
-    let config = write_config(tmp.path(), &pku_sample(), "learning_rat = 1e-4\n");
+    let config = write_config(
+        tmp.path(),
+        pku_sample().to_str().unwrap(),
+        "learning_rat = 1e-4\n",
+    );
     let out = modpo(&["train", "--config", &config]);
     assert!(
         !out.status.success() && stderr(&out).contains("learning_rat"),
@@ -107,7 +96,7 @@ fn unknown_config_key_is_named() {
 fn train_then_export_and_refuse_bad_weights_or_existing_output() {
     let tmp = tempfile::tempdir().unwrap();
     tiny_model(&tmp.path().join("model"));
-    let config = write_config(tmp.path(), &pku_sample(), "");
+    let config = write_config(tmp.path(), pku_sample().to_str().unwrap(), "");
     let out = modpo(&["train", "--config", &config]);
     assert!(out.status.success(), "{}", stderr(&out));
     // A second run into the same directory is refused: nothing of the first is overwritten.

@@ -2,19 +2,12 @@
 //! refuses a run whose base model changed with the same message, honours the run's chat
 //! template, and checks `--weights` the same way.
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn modpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_modpo-trainer"))
-        .args(args)
-        .output()
-        .expect("run modpo-trainer")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).to_string()
-}
+use support::{modpo, stderr};
 
 fn succeed(args: &[&str]) -> Output {
     let out = modpo(args);
