@@ -16,6 +16,7 @@ use crate::config::{self, RunConfig};
 use crate::method::Stage;
 use crate::optim::AdamW;
 use crate::reference;
+use crate::saved_run::RESOLVED_CONFIG_FILE;
 use crate::step::StepRunner;
 
 /// Where a stage resumes within itself.
@@ -45,7 +46,7 @@ pub(super) fn open_run_dir(
         prepare_run_dir(run_dir)?;
         std::fs::write(run_dir.join("config.toml"), config_text)?;
         std::fs::write(
-            run_dir.join("resolved_config.json"),
+            run_dir.join(RESOLVED_CONFIG_FILE),
             serde_json::to_string_pretty(config)?,
         )?;
     }
