@@ -57,6 +57,7 @@ $(GOLDEN_DIR)/.stamp: $(wildcard tests/golden/*.py) requirements.txt | venv buil
 	mkdir -p $(GOLDEN_DIR)
 	find $(GOLDEN_DIR) -mindepth 1 -maxdepth 1 ! -name smollm2 -exec rm -rf {} +
 	$(PYTHON) tests/golden/make_model_golden.py $(GOLDEN_DIR)
+	$(PYTHON) tests/golden/make_adalora_golden.py $(GOLDEN_DIR)
 	$(PYTHON) tests/golden/make_tokenizer_golden.py $(GOLDEN_DIR)
 	$(PYTHON) tests/golden/fetch_smollm2_gguf.py $(BIN)
 	touch $@

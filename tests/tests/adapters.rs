@@ -7,7 +7,7 @@ use std::path::Path;
 use modpo_tests::{golden_model, shared_data_dir, write_tiny_model};
 use modpo_trainer::data::{self, DataConfig};
 use modpo_trainer::logps::response_logps;
-use modpo_trainer::model::{load_model, AdapterSpec, Conditioning};
+use modpo_trainer::model::{load_model, AdapterKind, AdapterSpec, Conditioning};
 use modpo_trainer::reference;
 use modpo_trainer::tokenizer::ChatTokenizer;
 use tch::{Device, Kind, Tensor};
@@ -30,6 +30,7 @@ fn response_logps_match_transformers() {
     let expected = (&golden["token_logprobs"] * scored).sum_dim_intlist(1, false, Kind::Float);
 
     let spec = AdapterSpec {
+        kind: AdapterKind::Lora,
         rank: 4,
         alpha: 8.0,
         num_dimensions: 2,
@@ -77,6 +78,7 @@ fn unit_weight_moves_only_shared_and_its_own_block() {
     let tmp = tempfile::tempdir().unwrap();
     write_tiny_model(tmp.path(), 7);
     let spec = AdapterSpec {
+        kind: AdapterKind::Lora,
         rank: 2,
         alpha: 4.0,
         num_dimensions: 3,

@@ -28,7 +28,7 @@ use modpo_tests::write_tiny_model;
 use modpo_trainer::data::{self, DataConfig, PreferenceData};
 use modpo_trainer::eval::{self, conflict_pairs, paper_settings, Batching, Bootstrap};
 use modpo_trainer::export;
-use modpo_trainer::model::{load_model, AdapterSpec, LoadedModel};
+use modpo_trainer::model::{load_model, AdapterKind, AdapterSpec, LoadedModel};
 use modpo_trainer::reference;
 use modpo_trainer::tokenizer::ChatTokenizer;
 use tch::{Device, Kind, Tensor};
@@ -165,6 +165,7 @@ fn hand_built_case(shared: bool) {
     let pad = tokenizer.pad_token_id();
 
     let spec = AdapterSpec {
+        kind: AdapterKind::Lora,
         rank: 4,
         alpha: 8.0,
         num_dimensions: 2,
@@ -289,6 +290,7 @@ fn zero_margins_predict_b() {
     assert!(pairs.iter().enumerate().all(|(i, p)| p.id == i));
     let owned: Vec<_> = pairs.iter().map(|p| (*p).clone()).collect();
     let spec = AdapterSpec {
+        kind: AdapterKind::Lora,
         rank: 4,
         alpha: 8.0,
         num_dimensions: 2,

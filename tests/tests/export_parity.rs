@@ -8,7 +8,7 @@ use std::process::Command;
 use modpo_tests::golden_model;
 use modpo_trainer::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
 use modpo_trainer::export;
-use modpo_trainer::model::{load_model, AdapterSpec, Conditioning};
+use modpo_trainer::model::{load_model, AdapterKind, AdapterSpec, Conditioning};
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -17,6 +17,7 @@ fn peft_and_merged_exports_reproduce_our_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let dimensions = vec!["helpfulness".to_string(), "harmlessness".to_string()];
     let spec = AdapterSpec {
+        kind: AdapterKind::Lora,
         rank: 4,
         alpha: 8.0,
         num_dimensions: 2,

@@ -5,7 +5,7 @@
 
 use modpo_tests::{golden_model, write_tiny_model};
 use modpo_trainer::model::generate::{generate, greedy_uncached, GenerateOptions};
-use modpo_trainer::model::{load_model, AdapterSpec, CausalLm, Conditioning, KvCache};
+use modpo_trainer::model::{load_model, AdapterKind, AdapterSpec, CausalLm, Conditioning, KvCache};
 use tch::{Device, Kind, Tensor};
 
 fn greedy(max_new_tokens: usize) -> GenerateOptions {
@@ -100,6 +100,7 @@ fn kv_cache_matches_full_forward_on_tiny_model_with_adapters() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), 3);
     let spec = AdapterSpec {
+        kind: AdapterKind::Lora,
         rank: 4,
         alpha: 8.0,
         num_dimensions: 2,

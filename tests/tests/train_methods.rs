@@ -202,6 +202,7 @@ fn accuracy_rises(method: &str) {
     let expected_stages = stages(match method {
         "curriculum" => MethodName::Curriculum,
         "panacea" => MethodName::Panacea,
+        "panacea-lora" => MethodName::PanaceaLora,
         _ => MethodName::DpoSoup,
     })
     .len();
@@ -218,6 +219,41 @@ fn curriculum_raises_training_accuracy() {
 #[test]
 fn panacea_raises_training_accuracy() {
     accuracy_rises("panacea");
+}
+
+#[test]
+fn panacea_lora_raises_training_accuracy() {
+    accuracy_rises("panacea-lora");
+}
+
+/// Panacea on AdaLoRA: the metrics carry the orthogonality penalty and the kept triplets, which
+/// fall from 12 to 8 per block over the run (the budget of PEFT's schedule at the last step).
+#[test]
+fn panacea_allocates_ranks_down_to_the_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, text) = setup(tmp.path(), "panacea", 64, "");
+    let summary = train(&config, &text, Default::default(), &Cluster::single()).unwrap();
+    let metrics = std::fs::read_to_string(summary.run_dir.join("metrics.jsonl")).unwrap();
+    let kept: Vec<i64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|r| {
+            assert!(r["orth_penalty"].as_f64().unwrap() > 0.0);
+            r["kept_triplets"].as_i64().unwrap()
+        })
+        .collect();
+    // 2 layers x 7 projections x (k + 1 = 3) blocks.
+    let blocks = 2 * 7 * 3;
+    let steps = kept.len();
+    assert!(steps >= 5, "{steps} steps");
+    assert_eq!(kept[0], 12 * blocks, "step 0 keeps every triplet");
+    assert!(kept.windows(2).all(|w| w[1] <= w[0]), "{kept:?}");
+    // PEFT's budget at the last step t = T - 1: int(4 blocks (1/T)^3 + 8 blocks).
+    let remaining = 1.0 / steps as f64;
+    let last = ((4 * blocks) as f64 * remaining.powi(3) + (8 * blocks) as f64) as i64;
+    assert_eq!(*kept.last().unwrap(), last, "{kept:?}");
+    let adapters = checkpoint::read_adapter_meta(&summary.adapters).unwrap();
+    assert_eq!(adapters.kind, modpo_trainer::model::AdapterKind::AdaLora);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Kind, Tensor};
 
-use crate::model::AdapterSpec;
+use crate::model::{AdapterKind, AdapterSpec};
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
@@ -156,6 +156,9 @@ pub struct AdapterMeta {
     /// The base model's fingerprint ([`crate::model::LoadedModel::fingerprint`]).
     pub model_fingerprint: String,
     pub dimensions: Vec<String>,
+    /// LoRA or AdaLoRA (files written before AdaLoRA existed are LoRA).
+    #[serde(default)]
+    pub kind: AdapterKind,
     pub rank: i64,
     pub alpha: f64,
     pub shared: bool,
@@ -173,6 +176,7 @@ impl AdapterMeta {
             model_path: model_path.to_path_buf(),
             model_fingerprint: model_fingerprint.to_string(),
             dimensions: dimensions.to_vec(),
+            kind: spec.kind,
             rank: spec.rank,
             alpha: spec.alpha,
             shared: spec.shared,
@@ -181,6 +185,7 @@ impl AdapterMeta {
 
     pub fn spec(&self) -> AdapterSpec {
         AdapterSpec {
+            kind: self.kind,
             rank: self.rank,
             alpha: self.alpha,
             num_dimensions: self.dimensions.len() as i64,
@@ -572,6 +577,7 @@ mod tests {
         let adapters = VarStore::new(tch::Device::Cpu);
         let _ = adapters.root().zeros("a", &[2, 3]);
         let spec = AdapterSpec {
+            kind: AdapterKind::Lora,
             rank: 1,
             alpha: 2.0,
             num_dimensions: 1,

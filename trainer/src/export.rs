@@ -3,7 +3,11 @@
 //! - A standard PEFT LoRA adapter of rank `R = blocks * r`: `A = [A_0; A_1; ...; A_k]` and
 //!   `B = s [B_0, w_1 B_1, ..., w_k B_k]` (the scale `s = alpha / r` and the weights folded into
 //!   B, `lora_alpha = R` so PEFT's own scaling is 1). Then `B A x = s (B_0 A_0 + sum_i w_i B_i
-//!   A_i) x`, exactly `pi(. ; w)`.
+//!   A_i) x`, exactly `pi(. ; w)`. For AdaLoRA adapters `A_j = Q_j * lambda_j` and only the
+//!   triplets the rank allocator kept are written (a dropped one has lambda = 0 and adds
+//!   nothing), so each projection's rank is its number of kept triplets, given to PEFT as
+//!   `rank_pattern` (with `alpha_pattern` equal to it); a projection that kept none is left out
+//!   of `target_modules`.
 //! - With `merge`, full Hugging Face safetensors with `W + delta(w)` on every projection, in the
 //!   checkpoint's own dtype, beside copies of the config and tokenizer files.
 
@@ -47,8 +51,9 @@ pub fn write_peft_adapter(
     let spec = model
         .adapter_spec()
         .context("the model has no adapters to export")?;
-    let rank = spec.num_blocks() * spec.rank;
     let mut tensors = Vec::new();
+    // Each projection's rank: the kept rank features of its stacked blocks.
+    let mut ranks: Vec<(String, i64)> = Vec::new();
     for (name, projection) in model.projections() {
         let adapter = projection
             .adapter
@@ -57,29 +62,27 @@ pub fn write_peft_adapter(
         let (a_cat, b_cat) = adapter.stacked(Kind::Float); // [R, in], [out, R]
         let column_scales = block_scales(w, spec.shared, spec.rank, spec.scale()); // [R]
         let b_scaled = b_cat * Tensor::from_slice(&column_scales).unsqueeze(0);
+        let kept = adapter
+            .stacked_kept()
+            .to_device(a_cat.device())
+            .nonzero()
+            .squeeze_dim(1);
+        let rank = kept.size()[0];
+        if rank == 0 {
+            continue;
+        }
         let key = format!("base_model.model.{name}");
-        tensors.push((format!("{key}.lora_A.weight"), a_cat.contiguous()));
-        tensors.push((format!("{key}.lora_B.weight"), b_scaled.contiguous()));
+        tensors.push((
+            format!("{key}.lora_A.weight"),
+            a_cat.index_select(0, &kept).contiguous(),
+        ));
+        tensors.push((
+            format!("{key}.lora_B.weight"),
+            b_scaled.index_select(1, &kept).contiguous(),
+        ));
+        ranks.push((name, rank));
     }
-    let target_modules: Vec<&str> = PROJECTIONS
-        .iter()
-        .map(|p| p.rsplit('.').next().unwrap())
-        .collect();
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model.display().to_string(),
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "target_modules": target_modules,
-        "use_rslora": false,
-        "use_dora": false,
-        "inference_mode": true,
-        "modules_to_save": null,
-    });
+    let config = peft_config(&ranks, model.projections().len(), base_model)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(
         out.join("adapter_config.json"),
@@ -95,6 +98,55 @@ pub fn write_peft_adapter(
         },
     )?;
     Ok(())
+}
+
+/// PEFT's `adapter_config.json` of a LoRA with the given rank per projection, each with
+/// `lora_alpha` equal to its rank (scaling 1). One rank everywhere is the plain form; otherwise
+/// the most common rank is the default and the others go into `rank_pattern` and
+/// `alpha_pattern` under their full module names, which PEFT matches exactly.
+fn peft_config(
+    ranks: &[(String, i64)],
+    projections: usize,
+    base_model: &Path,
+) -> Result<serde_json::Value> {
+    let mut counts: std::collections::BTreeMap<i64, usize> = Default::default();
+    for (_, rank) in ranks {
+        *counts.entry(*rank).or_default() += 1;
+    }
+    let Some((&common, _)) = counts.iter().max_by_key(|(rank, n)| (**n, **rank)) else {
+        bail!("no projection kept any rank: the adapters are all zero, nothing to export");
+    };
+    let pattern: serde_json::Map<String, serde_json::Value> = ranks
+        .iter()
+        .filter(|(_, rank)| *rank != common)
+        .map(|(name, rank)| (name.clone(), json!(rank)))
+        .collect();
+    // A projection that kept no rank is not adapted at all (PEFT refuses r = 0).
+    let target_modules: Vec<String> = if ranks.len() == projections {
+        PROJECTIONS
+            .iter()
+            .map(|p| p.rsplit('.').next().unwrap().to_string())
+            .collect()
+    } else {
+        ranks.iter().map(|(name, _)| name.clone()).collect()
+    };
+    Ok(json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model.display().to_string(),
+        "r": common,
+        "lora_alpha": common,
+        "rank_pattern": pattern,
+        "alpha_pattern": pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "target_modules": target_modules,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "modules_to_save": null,
+    }))
 }
 
 /// `s * [1, w_1 .. w_k]` (without the 1 when there is no shared block), each repeated r times.

@@ -17,6 +17,7 @@ pub mod method;
 pub mod model;
 pub mod optim;
 pub mod paths;
+pub mod rank_allocation;
 pub mod reference;
 pub mod saved_run;
 pub mod step;

@@ -16,7 +16,8 @@ use crate::data::split::{agree_subset, seeded_rng};
 use crate::data::TokenizedPair;
 use crate::invalid_key::InvalidKey;
 use crate::loss;
-use crate::model::{AdapterSpec, CausalLm};
+use crate::model::{AdapterKind, AdapterSpec, CausalLm};
+use crate::rank_allocation::AllocationSchedule;
 
 /// `[method]` `name`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,8 +25,12 @@ use crate::model::{AdapterSpec, CausalLm};
 pub enum MethodName {
     /// The proposed three-stage curriculum.
     Curriculum,
-    /// Joint training of the k + 1 adapters with linear scalarisation.
+    /// Panacea as the paper ran it: k + 1 AdaLoRA modules per projection trained jointly with
+    /// linear scalarisation, with AdaLoRA's orthogonality penalty and rank allocation.
     Panacea,
+    /// The same steps on the curriculum's own LoRA adapters: the ablation that isolates the
+    /// curriculum from the adapter kind.
+    PanaceaLora,
     /// k independent adapters, souped at inference.
     DpoSoup,
 }
@@ -78,12 +83,35 @@ pub struct MethodConfig {
     /// DPO temperature beta.
     #[serde(default = "default_beta")]
     pub beta: f64,
-    /// LoRA rank r of every block; default 8 (16 for dpo-soup).
+    /// LoRA rank r of every block; default 8 (16 for dpo-soup). For panacea (AdaLoRA) the
+    /// target rank per block after rank allocation (PEFT `target_r`), default 8.
     #[serde(default)]
     pub rank: Option<i64>,
-    /// LoRA alpha; default 16 (32 for dpo-soup).
+    /// LoRA alpha; default 16 (32 for dpo-soup, 512 for panacea).
     #[serde(default)]
     pub alpha: Option<f64>,
+    // The AdaLoRA keys: panacea only; the defaults are PEFT's `AdaLoraConfig` defaults.
+    /// Triplets per block before rank allocation (PEFT `init_r`); default 12.
+    #[serde(default)]
+    pub init_rank: Option<i64>,
+    /// Weight of the orthogonality penalty; default 0.5.
+    #[serde(default)]
+    pub orth_reg_weight: Option<f64>,
+    /// Steps before rank allocation starts; default 0.
+    #[serde(default)]
+    pub tinit: Option<usize>,
+    /// Steps at the end with the allocation fixed; default 0.
+    #[serde(default)]
+    pub tfinal: Option<usize>,
+    /// Steps between allocations (PEFT `deltaT`); default 1.
+    #[serde(default)]
+    pub delta_t: Option<usize>,
+    /// Smoothing factor of the sensitivity average; default 0.85.
+    #[serde(default)]
+    pub beta1: Option<f64>,
+    /// Smoothing factor of the uncertainty average; default 0.85.
+    #[serde(default)]
+    pub beta2: Option<f64>,
     #[serde(default)]
     pub weight_sampling: WeightSampling,
     /// Run the passes of a step as one forward with rows replicated and per-row w (faster,
@@ -96,13 +124,41 @@ fn default_beta() -> f64 {
     0.01
 }
 
+/// What an AdaLoRA run adds to each step: the orthogonality penalty's weight and the rank
+/// allocator's schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AdaLoraTraining {
+    pub orth_reg_weight: f64,
+    pub schedule: AllocationSchedule,
+}
+
 fn default_true() -> bool {
     true
 }
 
 impl MethodConfig {
+    /// The method with every optional key at its default.
+    pub fn new(name: MethodName) -> Self {
+        MethodConfig {
+            name,
+            beta: default_beta(),
+            rank: None,
+            alpha: None,
+            init_rank: None,
+            orth_reg_weight: None,
+            tinit: None,
+            tfinal: None,
+            delta_t: None,
+            beta1: None,
+            beta2: None,
+            weight_sampling: WeightSampling::default(),
+            batch_passes: true,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), InvalidKey> {
         let invalid = |key: &str, rule: String| Err(InvalidKey::new("method", key, rule));
+        self.validate_adalora_keys()?;
         if !(self.beta > 0.0 && self.beta.is_finite()) {
             return invalid(
                 "beta",
@@ -122,15 +178,101 @@ impl MethodConfig {
         Ok(())
     }
 
+    /// The AdaLoRA keys: set only for panacea, and within PEFT's ranges.
+    fn validate_adalora_keys(&self) -> Result<(), InvalidKey> {
+        let invalid = |key: &str, rule: String| Err(InvalidKey::new("method", key, rule));
+        if self.name != MethodName::Panacea {
+            let given = [
+                ("init_rank", self.init_rank.is_some()),
+                ("orth_reg_weight", self.orth_reg_weight.is_some()),
+                ("tinit", self.tinit.is_some()),
+                ("tfinal", self.tfinal.is_some()),
+                ("delta_t", self.delta_t.is_some()),
+                ("beta1", self.beta1.is_some()),
+                ("beta2", self.beta2.is_some()),
+            ];
+            if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+                return invalid(
+                    key,
+                    format!(
+                        "is an AdaLoRA key and applies only to method \"panacea\", not {:?}",
+                        self.name
+                    ),
+                );
+            }
+            return Ok(());
+        }
+        let Some(training) = self.adalora(1) else {
+            return Ok(());
+        };
+        let s = training.schedule;
+        if s.init_rank <= 0 {
+            return invalid(
+                "init_rank",
+                format!("must be positive, got {}", s.init_rank),
+            );
+        }
+        if s.target_rank > s.init_rank {
+            return invalid(
+                "rank",
+                format!(
+                    "is the target rank and must be at most method.init_rank = {}, got {}",
+                    s.init_rank, s.target_rank
+                ),
+            );
+        }
+        if !(training.orth_reg_weight >= 0.0 && training.orth_reg_weight.is_finite()) {
+            return invalid(
+                "orth_reg_weight",
+                format!("must be a number >= 0, got {}", training.orth_reg_weight),
+            );
+        }
+        if s.delta_t == 0 {
+            return invalid("delta_t", "must be at least 1, got 0".into());
+        }
+        for (key, value) in [("beta1", s.beta1), ("beta2", s.beta2)] {
+            if !(value > 0.0 && value < 1.0) {
+                return invalid(key, format!("must be in (0, 1), got {value}"));
+            }
+        }
+        Ok(())
+    }
+
     /// The adapters the method trains, for k dimensions.
     pub fn adapter_spec(&self, num_dimensions: usize) -> AdapterSpec {
-        let soup = self.name == MethodName::DpoSoup;
+        let (kind, rank, alpha) = match self.name {
+            MethodName::DpoSoup => (AdapterKind::Lora, self.rank.unwrap_or(16), 32.0),
+            MethodName::Curriculum | MethodName::PanaceaLora => {
+                (AdapterKind::Lora, self.rank.unwrap_or(8), 16.0)
+            }
+            // The blocks hold init_rank triplets; `rank` is the allocation's target.
+            MethodName::Panacea => (AdapterKind::AdaLora, self.init_rank.unwrap_or(12), 512.0),
+        };
         AdapterSpec {
-            rank: self.rank.unwrap_or(if soup { 16 } else { 8 }),
-            alpha: self.alpha.unwrap_or(if soup { 32.0 } else { 16.0 }),
+            kind,
+            rank,
+            alpha: self.alpha.unwrap_or(alpha),
             num_dimensions: num_dimensions as i64,
-            shared: !soup,
+            shared: self.name != MethodName::DpoSoup,
         }
+    }
+
+    /// For panacea, the penalty and rank allocation of a stage of `total_step` optimizer
+    /// steps (PEFT's defaults where a key is not set).
+    pub fn adalora(&self, total_step: usize) -> Option<AdaLoraTraining> {
+        (self.name == MethodName::Panacea).then(|| AdaLoraTraining {
+            orth_reg_weight: self.orth_reg_weight.unwrap_or(0.5),
+            schedule: AllocationSchedule {
+                init_rank: self.init_rank.unwrap_or(12),
+                target_rank: self.rank.unwrap_or(8),
+                tinit: self.tinit.unwrap_or(0),
+                tfinal: self.tfinal.unwrap_or(0),
+                delta_t: self.delta_t.unwrap_or(1),
+                beta1: self.beta1.unwrap_or(0.85),
+                beta2: self.beta2.unwrap_or(0.85),
+                total_step,
+            },
+        })
     }
 }
 
@@ -193,17 +335,18 @@ impl Trainable {
                 .adapter
                 .as_ref()
                 .expect("training needs adapters");
-            let mut tensors = vec![];
-            if let Some(shared) = &adapter.shared {
-                tensors.push(("shared_a", &shared.a, shared_on));
-                tensors.push(("shared_b", &shared.b, shared_on));
-            }
-            tensors.push(("dims_a", &adapter.dimensions.a, dimensions_on));
-            tensors.push(("dims_b", &adapter.dimensions.b, dimensions_on));
-            for (name, tensor, on) in tensors {
-                let _ = tensor.shallow_clone().set_requires_grad(on);
-                if on {
-                    params.push((format!("{module}.{name}"), tensor.shallow_clone()));
+            for (group, pair) in adapter.groups() {
+                let on = if group == "shared" {
+                    shared_on
+                } else {
+                    dimensions_on
+                };
+                let singular = pair.singular.as_ref().map(|s| ("e", &s.values));
+                for (part, tensor) in [("a", &pair.a), ("b", &pair.b)].into_iter().chain(singular) {
+                    let _ = tensor.shallow_clone().set_requires_grad(on);
+                    if on {
+                        params.push((format!("{module}.{group}_{part}"), tensor.shallow_clone()));
+                    }
                 }
             }
         }
@@ -324,7 +467,7 @@ pub fn stages(method: MethodName) -> Vec<Stage> {
                 },
             },
         ],
-        MethodName::Panacea => vec![Stage {
+        MethodName::Panacea | MethodName::PanaceaLora => vec![Stage {
             number: 1,
             name: "panacea",
             pool: PairPool::All,

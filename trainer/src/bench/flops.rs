@@ -93,6 +93,7 @@ pub fn measure_matmul_rate(device: Device, kind: Kind, n: i64, repeats: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::AdapterKind;
 
     /// One layer, hidden 4, 2 heads of dim 2 (q_dim 4), 1 KV head (kv 2), MLP 8, vocab 10;
     /// adapters of rank 1 with a shared block and k = 2 (3 blocks).
@@ -113,6 +114,7 @@ mod tests {
         )
         .unwrap();
         let spec = AdapterSpec {
+            kind: AdapterKind::Lora,
             rank: 1,
             alpha: 2.0,
             num_dimensions: 2,

@@ -134,6 +134,7 @@ fn step_settings(v: &Variant) -> StepSettings {
         adam: (0.9, 0.999, 1e-8, 0.0),
         seed: 0,
         weight_sampling: WeightSampling::PerRow,
+        adalora: None,
     }
 }
 
@@ -170,18 +171,21 @@ fn step_batches(
 }
 
 impl Bench {
-    fn adapter_spec(&self, method: MethodName) -> AdapterSpec {
-        let soup = method == MethodName::DpoSoup;
+    /// The method's config: curriculum and panacea-lora on the bench's LoRA rank and alpha (the
+    /// TRL baseline's), the others on their own defaults (DPO-Soup rank 16, alpha 32;
+    /// panacea AdaLoRA 12 -> 8 triplets per block, alpha 512, as in the paper).
+    fn method_config(&self, method: MethodName) -> MethodConfig {
+        let bench_lora = matches!(method, MethodName::Curriculum | MethodName::PanaceaLora);
         MethodConfig {
-            name: method,
             beta: BETA,
-            // DPO-Soup keeps its own defaults (rank 16, alpha 32, as in the paper).
-            rank: (!soup).then_some(BENCH_RANK),
-            alpha: (!soup).then_some(BENCH_ALPHA),
-            weight_sampling: Default::default(),
-            batch_passes: true,
+            rank: bench_lora.then_some(BENCH_RANK),
+            alpha: bench_lora.then_some(BENCH_ALPHA),
+            ..MethodConfig::new(method)
         }
-        .adapter_spec(self.k)
+    }
+
+    fn adapter_spec(&self, method: MethodName) -> AdapterSpec {
+        self.method_config(method).adapter_spec(self.k)
     }
 
     /// The model of a method: from the preset's directory, or random on the device.
@@ -283,16 +287,18 @@ impl Bench {
         for p in base.variables().values() {
             let _ = p.shallow_clone().set_requires_grad(!v.frozen_base);
         }
+        let mut settings = step_settings(&v);
+        settings.adalora = self.method_config(case.method).adalora(batches.len());
         let mut runner = StepRunner::new(
             &model,
             &stage,
-            step_settings(&v),
+            settings,
             &Single,
             BatchPlan::from_factors(micro_batch, micro_batch, Some(1), 1)?,
             0,
             k,
             self.pad_token_id,
-        );
+        )?;
         let adapters_of_pass = match stage.step.unit {
             UnitPasses::Shared => PassAdapters::SharedOnly,
             UnitPasses::PerDimension => PassAdapters::AllBlocks,

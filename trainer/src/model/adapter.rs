@@ -10,17 +10,37 @@
 //! row's rank blocks are scaled by `[1, w_1 .. w_k]`, and `B_cat` is one more GEMM. The DPO-Soup
 //! variant has no shared block (k blocks; rank 16, alpha 32 in the paper).
 //!
+//! The AdaLoRA kind (Panacea as the paper ran it, METHOD.md section 5) has the same layout with
+//! AdaLoRA's SVD form in each block, exactly as PEFT computes it: `A = Q` (PEFT `lora_A`),
+//! singular values `lambda` (`lora_E`), `B = P` (`lora_B`), and block j adds
+//! `c_j P_j ((Q_j * lambda_j) x) alpha / (r + 1e-5)`. The rank allocator (`rank_allocation.rs`)
+//! zeroes the lambdas of the triplets it drops and records which it keeps.
+//!
 //! Adapter parameters live in their own `VarStore` in f32 (master weights) and are cast to the
 //! activations' dtype in the forward, so a bf16 base trains f32 adapters.
 
+use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
+
+/// The low-rank form of every block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// LoRA: `(alpha / r) B A x`; A Kaiming-uniform, B = 0.
+    #[default]
+    Lora,
+    /// AdaLoRA's SVD form: `(alpha / (r + 1e-5)) P ((Q * lambda) x)`; lambda = 0 and P, Q
+    /// normal with std 0.02, as PEFT initialises them. `r` is the initial rank (PEFT `init_r`).
+    AdaLora,
+}
 
 /// Shape of the adapters attached to every projection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterSpec {
-    /// LoRA rank r of each block.
+    pub kind: AdapterKind,
+    /// Rank r of each block (for AdaLoRA the initial rank, before rank allocation).
     pub rank: i64,
-    /// LoRA alpha: the update is scaled by alpha / r.
+    /// LoRA alpha: the update is scaled by alpha / r (alpha / (r + 1e-5) for AdaLoRA).
     pub alpha: f64,
     /// Number of preference dimensions k.
     pub num_dimensions: i64,
@@ -30,7 +50,11 @@ pub struct AdapterSpec {
 
 impl AdapterSpec {
     pub fn scale(&self) -> f64 {
-        self.alpha / self.rank as f64
+        match self.kind {
+            AdapterKind::Lora => self.alpha / self.rank as f64,
+            // PEFT divides by `ranknum + 1e-5`, ranknum being the initial rank.
+            AdapterKind::AdaLora => self.alpha / (self.rank as f64 + 1e-5),
+        }
     }
 
     /// Blocks per projection: k, plus the shared one.
@@ -60,11 +84,42 @@ pub enum LoraGemms {
     PerBlock,
 }
 
-/// One block group's parameters: A [blocks * r, in], B [out, blocks * r].
+/// One block group's parameters: A [blocks * r, in], B [out, blocks * r], and for AdaLoRA the
+/// singular values.
 #[derive(Debug)]
 pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
+    pub singular: Option<SingularValues>,
+}
+
+/// AdaLoRA's per-triplet parts of a block group.
+#[derive(Debug)]
+pub struct SingularValues {
+    /// lambda [blocks * r], trained (PEFT `lora_E`, stored there as [r, 1]).
+    pub values: Tensor,
+    /// [blocks * r], 1.0 for a triplet the rank allocator keeps and 0.0 for one it dropped (its
+    /// lambda is 0); not trained, saved with the adapters.
+    pub kept: Tensor,
+}
+
+impl LoraPair {
+    /// The down-projection as the forward uses it: A, or for AdaLoRA `Q * lambda` (each row
+    /// scaled by its singular value, PEFT's `lora_A * lora_E`): [rows, in]
+    pub fn down(&self) -> Tensor {
+        match &self.singular {
+            None => self.a.shallow_clone(),
+            Some(s) => &self.a * s.values.unsqueeze(1),
+        }
+    }
+
+    /// Which rows are kept: [rows] of 1.0 / 0.0 (all ones for LoRA).
+    pub fn kept(&self) -> Tensor {
+        match &self.singular {
+            None => Tensor::ones([self.a.size()[0]], (Kind::Float, self.a.device())),
+            Some(s) => s.kept.shallow_clone(),
+        }
+    }
 }
 
 /// The adapter blocks of one projection.
@@ -78,32 +133,58 @@ pub struct Adapter {
     pub gemms: LoraGemms,
 }
 
-/// PEFT's LoRA init: A ~ Kaiming-uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so a
-/// fresh adapter leaves the model unchanged.
-fn lora_pair(path: &nn::Path, name: &str, rows: i64, in_dim: i64, out_dim: i64) -> LoraPair {
-    let bound = 1.0 / (in_dim as f64).sqrt();
-    let a = path.var(
-        &format!("{name}_a"),
-        &[rows, in_dim],
-        nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    );
-    let b = path.var(&format!("{name}_b"), &[out_dim, rows], nn::Init::Const(0.0));
-    LoraPair { a, b }
+/// PEFT's init, so a fresh adapter leaves the model unchanged. LoRA: A ~ Kaiming-uniform
+/// (a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0. AdaLoRA: Q, P ~ N(0, 0.02), lambda = 0.
+fn lora_pair(
+    path: &nn::Path,
+    name: &str,
+    kind: AdapterKind,
+    rows: i64,
+    in_dim: i64,
+    out_dim: i64,
+) -> LoraPair {
+    match kind {
+        AdapterKind::Lora => {
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let uniform = nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            };
+            LoraPair {
+                a: path.var(&format!("{name}_a"), &[rows, in_dim], uniform),
+                b: path.var(&format!("{name}_b"), &[out_dim, rows], nn::Init::Const(0.0)),
+                singular: None,
+            }
+        }
+        AdapterKind::AdaLora => {
+            let normal = nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            };
+            LoraPair {
+                a: path.var(&format!("{name}_a"), &[rows, in_dim], normal),
+                b: path.var(&format!("{name}_b"), &[out_dim, rows], normal),
+                singular: Some(SingularValues {
+                    values: path.var(&format!("{name}_e"), &[rows], nn::Init::Const(0.0)),
+                    kept: path.ones_no_train(&format!("{name}_kept"), &[rows]),
+                }),
+            }
+        }
+    }
 }
 
 impl Adapter {
-    /// Creates trainable f32 parameters `{path}.shared_a`, `shared_b`, `dims_a`, `dims_b`.
+    /// Creates trainable f32 parameters `{path}.shared_a`, `shared_b`, `dims_a`, `dims_b`, and
+    /// for AdaLoRA `shared_e`, `dims_e` (lambda) and the untrained `shared_kept`, `dims_kept`.
     pub fn new(path: &nn::Path, spec: &AdapterSpec, in_dim: i64, out_dim: i64) -> Self {
-        let r = spec.rank;
+        let (r, kind) = (spec.rank, spec.kind);
+        let dimension_rows = spec.num_dimensions * r;
         Adapter {
             spec: spec.clone(),
             shared: spec
                 .shared
-                .then(|| lora_pair(path, "shared", r, in_dim, out_dim)),
-            dimensions: lora_pair(path, "dims", spec.num_dimensions * r, in_dim, out_dim),
+                .then(|| lora_pair(path, "shared", kind, r, in_dim, out_dim)),
+            dimensions: lora_pair(path, "dims", kind, dimension_rows, in_dim, out_dim),
             gemms: LoraGemms::Stacked,
         }
     }
@@ -123,18 +204,19 @@ impl Adapter {
                 panic!("SharedOnly conditioning on an adapter without a shared block")
             }
             (Conditioning::SharedOnly, Some(shared)) => {
-                let h = x.matmul(&shared.a.to_kind(kind).tr()) * scale; // [b, t, r]
+                let h = x.matmul(&shared.down().to_kind(kind).tr()) * scale; // [b, t, r]
                 add_low_rank(base, &h, &shared.b.to_kind(kind))
             }
             (Conditioning::Weighted(weights), shared) if self.gemms == LoraGemms::PerBlock => {
                 let r = self.spec.rank;
                 let w = weights.to_kind(kind); // [b, k]
                 let mut sum = shared.as_ref().map(|s| {
-                    x.matmul(&s.a.to_kind(kind).tr())
+                    x.matmul(&s.down().to_kind(kind).tr())
                         .matmul(&up_projection(&s.b.to_kind(kind)))
                 }); // [b, t, out]
+                let dimensions_down = self.dimensions.down();
                 for i in 0..self.spec.num_dimensions {
-                    let a_i = self.dimensions.a.narrow(0, i * r, r).to_kind(kind); // [r, in]
+                    let a_i = dimensions_down.narrow(0, i * r, r).to_kind(kind); // [r, in]
                     let b_i = self.dimensions.b.narrow(1, i * r, r).to_kind(kind); // [out, r]
                     let w_i = w.narrow(1, i, 1).unsqueeze(2); // [b, 1, 1]
                     let block = x.matmul(&a_i.tr()).matmul(&up_projection(&b_i)) * w_i;
@@ -160,16 +242,61 @@ impl Adapter {
         }
     }
 
-    /// A_cat [blocks r, in] and B_cat [out, blocks r], shared block first.
+    /// A_cat [blocks r, in] and B_cat [out, blocks r], shared block first; for AdaLoRA A_cat
+    /// is `Q * lambda` ([`LoraPair::down`]).
     pub fn stacked(&self, kind: Kind) -> (Tensor, Tensor) {
         let d = &self.dimensions;
         match &self.shared {
             Some(s) => (
-                Tensor::cat(&[&s.a, &d.a], 0).to_kind(kind),
+                Tensor::cat(&[s.down(), d.down()], 0).to_kind(kind),
                 Tensor::cat(&[&s.b, &d.b], 1).to_kind(kind),
             ),
-            None => (d.a.to_kind(kind), d.b.to_kind(kind)),
+            None => (d.down().to_kind(kind), d.b.to_kind(kind)),
         }
+    }
+
+    /// Which rank features of [`Adapter::stacked`] are kept: [blocks r] of 1.0 / 0.0.
+    pub fn stacked_kept(&self) -> Tensor {
+        let d = self.dimensions.kept();
+        match &self.shared {
+            Some(s) => Tensor::cat(&[s.kept(), d], 0),
+            None => d,
+        }
+    }
+
+    /// The block groups: the shared one (if any), then the dimension blocks.
+    pub fn groups(&self) -> impl Iterator<Item = (&'static str, &LoraPair)> {
+        let shared = self.shared.as_ref().map(|s| ("shared", s));
+        shared.into_iter().chain([("dims", &self.dimensions)])
+    }
+
+    /// AdaLoRA's orthogonality terms of this projection, as PEFT sums them: for each block j,
+    /// `||Q_j Q_j^T - I||_F` and `||P_j^T P_j - I||_F`. Returns their sum (a scalar) and how
+    /// many matrices that is.
+    pub fn orthogonality_terms(&self) -> (Tensor, i64) {
+        let r = self.spec.rank;
+        let mut total = Tensor::zeros([], (Kind::Float, self.dimensions.a.device()));
+        let mut count = 0;
+        for (_, group) in self.groups() {
+            let blocks = group.a.size()[0] / r;
+            if blocks == 0 {
+                continue;
+            }
+            let in_dim = group.a.size()[1];
+            let q = group.a.view([blocks, r, in_dim]); // [blocks, r, in]
+            let p = group.b.view([-1, blocks, r]).permute([1, 0, 2]); // [blocks, out, r]
+            let identity = Tensor::eye(r, (Kind::Float, q.device())).unsqueeze(0);
+            for gram in [q.bmm(&q.transpose(1, 2)), p.transpose(1, 2).bmm(&p)] {
+                // [blocks, r, r] -> one Frobenius norm per block
+                let norms = (gram - &identity)
+                    .square()
+                    .sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float)
+                    .sqrt();
+                total += norms.sum(Kind::Float);
+                count += blocks;
+            }
+        }
+        (total, count)
     }
 
     /// weights [b, k] -> per-rank-feature scales [b, blocks r]: `[1, w_1 .. w_k]` (or
@@ -250,180 +377,4 @@ fn up_projection(b: &Tensor) -> Tensor {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tch::{nn::VarStore, Device};
-
-    fn random_adapter(vs: &VarStore, spec: &AdapterSpec, in_dim: i64, out_dim: i64) -> Adapter {
-        let adapter = Adapter::new(&vs.root(), spec, in_dim, out_dim);
-        tch::no_grad(|| {
-            // B = 0 at init would make every comparison trivially equal.
-            for pair in adapter.shared.iter().chain([&adapter.dimensions]) {
-                pair.b
-                    .shallow_clone()
-                    .copy_(&(Tensor::randn(pair.b.size(), (Kind::Float, Device::Cpu)) * 0.5));
-            }
-        });
-        adapter
-    }
-
-    /// The naive formula of METHOD.md: W x + s (B_0 A_0 x + sum_i w_i B_i A_i x), one block and
-    /// one row at a time.
-    fn naive(layer: &ConditionedLinear, spec: &AdapterSpec, x: &Tensor, w: &Tensor) -> Tensor {
-        let adapter = layer.adapter.as_ref().unwrap();
-        let r = spec.rank;
-        let rows: Vec<Tensor> = (0..x.size()[0])
-            .map(|row| {
-                let xr = x.get(row); // [t, in]
-                let mut out = xr.linear(&layer.weight, layer.bias.as_ref());
-                if let Some(shared) = &adapter.shared {
-                    out += xr.matmul(&shared.a.tr()).matmul(&shared.b.tr()) * spec.scale();
-                }
-                for i in 0..spec.num_dimensions {
-                    let a_i = adapter.dimensions.a.narrow(0, i * r, r);
-                    let b_i = adapter.dimensions.b.narrow(1, i * r, r);
-                    let w_i = w.double_value(&[row, i]);
-                    out += xr.matmul(&a_i.tr()).matmul(&b_i.tr()) * (w_i * spec.scale());
-                }
-                out
-            })
-            .collect();
-        Tensor::stack(&rows, 0)
-    }
-
-    fn layer(vs: &VarStore, spec: &AdapterSpec) -> ConditionedLinear {
-        ConditionedLinear {
-            weight: Tensor::randn([24, 16], (Kind::Float, Device::Cpu)),
-            bias: Some(Tensor::randn([24], (Kind::Float, Device::Cpu))),
-            adapter: Some(random_adapter(vs, spec, 16, 24)),
-        }
-    }
-
-    #[test]
-    fn stacked_equals_naive_sum_for_mixed_rows() {
-        tch::manual_seed(0);
-        for shared in [true, false] {
-            let spec = AdapterSpec {
-                rank: 4,
-                alpha: 8.0,
-                num_dimensions: 3,
-                shared,
-            };
-            let vs = VarStore::new(Device::Cpu);
-            let layer = layer(&vs, &spec);
-            let x = Tensor::randn([4, 5, 16], (Kind::Float, Device::Cpu));
-            // Rows: a vertex, the centre, an interior point, and w = 0.
-            let w = Tensor::from_slice(&[
-                1.0f32,
-                0.0,
-                0.0,
-                1. / 3.,
-                1. / 3.,
-                1. / 3.,
-                0.2,
-                0.5,
-                0.3,
-                0.0,
-                0.0,
-                0.0,
-            ])
-            .view([4, 3]);
-            let stacked = tch::no_grad(|| layer.forward(&x, Conditioning::Weighted(&w)));
-            let expected = tch::no_grad(|| naive(&layer, &spec, &x, &w));
-            let diff = (stacked - expected).abs().max().double_value(&[]);
-            assert!(diff <= 1e-5, "shared={shared}: max abs diff {diff}");
-        }
-    }
-
-    #[test]
-    fn per_block_gemms_equal_stacked() {
-        tch::manual_seed(3);
-        for shared in [true, false] {
-            let spec = AdapterSpec {
-                rank: 3,
-                alpha: 6.0,
-                num_dimensions: 3,
-                shared,
-            };
-            let vs = VarStore::new(Device::Cpu);
-            let mut layer = layer(&vs, &spec);
-            let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
-            let w = Tensor::from_slice(&[0.2f32, 0.5, 0.3, 0.0, 1.0, 0.0]).view([2, 3]);
-            let stacked = tch::no_grad(|| layer.forward(&x, Conditioning::Weighted(&w)));
-            layer.adapter.as_mut().unwrap().gemms = LoraGemms::PerBlock;
-            let per_block = tch::no_grad(|| layer.forward(&x, Conditioning::Weighted(&w)));
-            let diff = (stacked - per_block).abs().max().double_value(&[]);
-            assert!(diff <= 1e-5, "shared={shared}: max abs diff {diff}");
-        }
-    }
-
-    #[test]
-    fn shared_only_equals_zero_weights_and_reference_is_the_base() {
-        tch::manual_seed(1);
-        let spec = AdapterSpec {
-            rank: 2,
-            alpha: 16.0,
-            num_dimensions: 2,
-            shared: true,
-        };
-        let vs = VarStore::new(Device::Cpu);
-        let layer = layer(&vs, &spec);
-        let x = Tensor::randn([3, 4, 16], (Kind::Float, Device::Cpu));
-        let zeros = Tensor::zeros([3, 2], (Kind::Float, Device::Cpu));
-        let shared_only = layer.forward(&x, Conditioning::SharedOnly);
-        let weighted = layer.forward(&x, Conditioning::Weighted(&zeros));
-        assert!((&shared_only - weighted).abs().max().double_value(&[]) <= 1e-5);
-        let base = x.linear(&layer.weight, layer.bias.as_ref());
-        assert!(layer.forward(&x, Conditioning::Reference).equal(&base));
-        assert!(
-            !shared_only.allclose(&base, 1e-3, 1e-3, false),
-            "the shared block contributes"
-        );
-    }
-
-    #[test]
-    fn delta_weight_is_the_merged_update() {
-        tch::manual_seed(2);
-        let spec = AdapterSpec {
-            rank: 3,
-            alpha: 6.0,
-            num_dimensions: 2,
-            shared: true,
-        };
-        let vs = VarStore::new(Device::Cpu);
-        let layer = layer(&vs, &spec);
-        let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
-        let w = [0.3, 0.7];
-        let rows = Tensor::from_slice(&[0.3f32, 0.7, 0.3, 0.7]).view([2, 2]);
-        let adapted = layer.forward(&x, Conditioning::Weighted(&rows));
-        let merged = x.linear(
-            &(&layer.weight + layer.adapter.as_ref().unwrap().delta_weight(&w)),
-            layer.bias.as_ref(),
-        );
-        assert!((adapted - merged).abs().max().double_value(&[]) <= 1e-5);
-    }
-
-    #[test]
-    fn fresh_adapters_leave_the_model_unchanged() {
-        let spec = AdapterSpec {
-            rank: 8,
-            alpha: 16.0,
-            num_dimensions: 2,
-            shared: true,
-        };
-        let vs = VarStore::new(Device::Cpu);
-        let layer = ConditionedLinear {
-            weight: Tensor::randn([8, 8], (Kind::Float, Device::Cpu)),
-            bias: None,
-            adapter: Some(Adapter::new(&vs.root(), &spec, 8, 8)),
-        };
-        let x = Tensor::randn([2, 3, 8], (Kind::Float, Device::Cpu));
-        let w = Tensor::from_slice(&[0.5f32, 0.5, 1.0, 0.0]).view([2, 2]);
-        assert!(layer
-            .forward(&x, Conditioning::Weighted(&w))
-            .equal(&layer.forward(&x, Conditioning::Reference)));
-        let a = &layer.adapter.as_ref().unwrap().dimensions.a;
-        let bound = 1.0 / 8f64.sqrt();
-        assert!(a.abs().max().double_value(&[]) <= bound && a.abs().max().double_value(&[]) > 0.0);
-    }
-}
+mod tests;

@@ -388,6 +388,22 @@ impl CausalLm {
         self.adapter_spec.as_ref()
     }
 
+    /// AdaLoRA's orthogonality regulariser as PEFT's `AdaLoraModel.forward` computes it: the
+    /// mean, over the Q and the P of every module of every projection, of `||Q Q^T - I||_F`
+    /// and `||P^T P - I||_F` (a scalar f32 tensor that carries gradient).
+    pub fn orthogonality_penalty(&self) -> Tensor {
+        let mut total = Tensor::zeros([], (Kind::Float, self.embedding_device()));
+        let mut count = 0;
+        for (_, projection) in self.projections() {
+            if let Some(adapter) = &projection.adapter {
+                let (sum, matrices) = adapter.orthogonality_terms();
+                total += sum.to_device(self.embedding_device());
+                count += matrices;
+            }
+        }
+        total / count.max(1) as f64
+    }
+
     /// Switches every adapter between stacked and per-block GEMMs (same result).
     pub fn set_lora_gemms(&mut self, gemms: LoraGemms) {
         for layer in &mut self.layers {

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-pub use adapter::{AdapterSpec, Conditioning, LoraGemms};
+pub use adapter::{AdapterKind, AdapterSpec, Conditioning, LoraGemms};
 pub use hf_config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::{CausalLm, KvCache, TokenLayout};
 

@@ -14,9 +14,10 @@ use modpo_launcher::{Collective, Op};
 
 use crate::data::{collate, BatchPlan, MicroBatch, TokenizedPair};
 use crate::logps::{sequence_logps, BatchTensors, RowLayout};
-use crate::method::{Stage, WeightSampling};
+use crate::method::{AdaLoraTraining, Stage, WeightSampling};
 use crate::model::{CausalLm, Conditioning};
 use crate::optim::AdamW;
+use crate::rank_allocation::RankAllocator;
 use crate::reference::ReferenceLogps;
 
 use passes::{accumulate, MicroInputs, Normalisers, StepContext, StepStats};
@@ -42,6 +43,8 @@ pub struct StepSettings {
     /// Seed and sampling of the drawn weights ([`WeightSampling::draw`]).
     pub seed: u64,
     pub weight_sampling: WeightSampling,
+    /// AdaLoRA adapters' orthogonality penalty and rank allocation (panacea).
+    pub adalora: Option<AdaLoraTraining>,
 }
 
 /// Where the reference log-probs of a micro-batch come from.
@@ -65,6 +68,17 @@ pub struct StepOutcome {
     pub dimension_sums: Vec<f64>,
     /// Real tokens through the policy (rows x passes) on every rank.
     pub tokens: i64,
+    /// AdaLoRA runs: the orthogonality penalty (part of `loss`) and the kept triplets.
+    pub adalora: Option<AdaLoraOutcome>,
+}
+
+/// What AdaLoRA's extras did in a step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdaLoraOutcome {
+    /// The weighted orthogonality penalty added to the loss.
+    pub orth_penalty: f64,
+    /// SVD triplets kept by the rank allocator after the step, over the whole model.
+    pub kept_triplets: i64,
 }
 
 /// Runs the optimizer steps of one stage.
@@ -81,11 +95,14 @@ pub struct StepRunner<'a> {
     /// Names of the trainable tensors, in the optimizer's order.
     pub param_names: Vec<String>,
     pub optimizer: AdamW,
+    /// AdaLoRA's rank allocation, after each optimizer step.
+    pub rank_allocator: Option<RankAllocator>,
 }
 
 impl<'a> StepRunner<'a> {
-    /// Freezes what `stage` does not train and builds AdamW over the rest. `batch_plan` says
-    /// how a global batch splits over the ranks and micro-batches of this job.
+    /// Freezes what `stage` does not train and builds AdamW over the rest (and the rank
+    /// allocator of AdaLoRA adapters). `batch_plan` says how a global batch splits over the
+    /// ranks and micro-batches of this job.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &'a CausalLm,
@@ -96,11 +113,15 @@ impl<'a> StepRunner<'a> {
         rank: usize,
         k: usize,
         pad_token_id: u32,
-    ) -> Self {
+    ) -> Result<Self> {
         let (param_names, params): (Vec<String>, Vec<Tensor>) =
             stage.trainable.apply(model).into_iter().unzip();
         let (beta1, beta2, eps, weight_decay) = settings.adam;
-        StepRunner {
+        let rank_allocator = settings
+            .adalora
+            .map(|a| RankAllocator::new(model, a.schedule))
+            .transpose()?;
+        Ok(StepRunner {
             model,
             stage,
             device: model.embedding_device(),
@@ -112,7 +133,8 @@ impl<'a> StepRunner<'a> {
             pad_token_id,
             param_names,
             optimizer: AdamW::new(params, beta1, beta2, eps, weight_decay),
-        }
+            rank_allocator,
+        })
     }
 
     /// One optimizer step over the global batch `global` (ids into `pairs`), the stage's
@@ -171,7 +193,40 @@ impl<'a> StepRunner<'a> {
             };
             accumulate(&context, &inputs, &norms, &mut stats);
         }
-        self.update(stats, lr, step)
+        let penalty = self.add_orthogonality_penalty(&mut stats);
+        let mut outcome = self.update(stats, lr, step)?;
+        outcome.adalora = self
+            .rank_allocator
+            .as_ref()
+            .map(|allocator| AdaLoraOutcome {
+                orth_penalty: penalty,
+                kept_triplets: allocator.kept(),
+            });
+        Ok(outcome)
+    }
+
+    /// AdaLoRA's orthogonality penalty, once per optimizer step (as PEFT adds it once to the
+    /// loss of a forward). Every rank adds its gradient, so the mean over ranks is that
+    /// gradient once; only rank 0 adds its value to the summed loss. Returns the penalty.
+    fn add_orthogonality_penalty(&self, stats: &mut StepStats) -> f64 {
+        let Some(adalora) = self.settings.adalora else {
+            return 0.0;
+        };
+        if adalora.orth_reg_weight == 0.0 {
+            return 0.0;
+        }
+        let penalty = self.model.orthogonality_penalty() * adalora.orth_reg_weight;
+        penalty.backward();
+        if self.rank == 0 {
+            let mut loss = stats.sums.narrow(0, 0, 1);
+            let _ = loss.g_add_(
+                &penalty
+                    .detach()
+                    .to_kind(Kind::Double)
+                    .to_device(self.device),
+            );
+        }
+        penalty.double_value(&[])
     }
 
     /// All-reduce of the gradients, clipping, the metrics reduced over ranks, then (if both
@@ -199,12 +254,17 @@ impl<'a> StepRunner<'a> {
             );
         }
         self.optimizer.step(lr);
+        if let Some(allocator) = &mut self.rank_allocator {
+            // After the update and before the gradients are cleared, as PEFT documents it.
+            allocator.update_and_allocate(step);
+        }
         self.optimizer.zero_grad();
         Ok(StepOutcome {
             loss,
             grad_norm,
             dimension_sums: sums.split_off(1),
             tokens,
+            adalora: None,
         })
     }
 }

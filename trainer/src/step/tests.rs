@@ -211,6 +211,7 @@ fn every_step_execution_gives_the_same_gradients() {
     for method in [
         MethodName::Curriculum,
         MethodName::Panacea,
+        MethodName::PanaceaLora,
         MethodName::DpoSoup,
     ] {
         for stage in stages(method) {

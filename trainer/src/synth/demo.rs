@@ -1,7 +1,7 @@
 //! `modpo-trainer demo`: the main job end to end on the synthetic benchmark, with no download
 //! and on a CPU: generate the data and a tiny model (`synth`), train the curriculum, Panacea
-//! and DPO-Soup on it with one shared config (embedded in the binary from
-//! `configs/demo/demo.toml`), then compare the three runs on the held-out conflict pairs
+//! (AdaLoRA, as the paper ran it), Panacea on LoRA and DPO-Soup on it with one shared config (embedded in the binary from
+//! `configs/demo/demo.toml`), then compare the four runs on the held-out conflict pairs
 //! (`eval::evaluate_runs`: tables with bootstrap intervals and the plots).
 //!
 //! Layout of the demo directory: `data/` (train.jsonl, eval.jsonl, model/), `configs/` (the
@@ -23,7 +23,7 @@ use crate::train::{train, Cluster, TrainOptions};
 pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/demo/demo.toml");
 
 /// The methods, in the order they are trained and reported.
-pub const METHODS: [&str; 3] = ["curriculum", "panacea", "dpo-soup"];
+pub const METHODS: [&str; 4] = ["curriculum", "panacea", "panacea-lora", "dpo-soup"];
 
 /// How to run the demo.
 #[derive(Debug, Clone, Default)]
@@ -208,8 +208,8 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
         micro_batch: None,
         bootstrap: Bootstrap::default(),
     };
-    let (comparison, written) = eval::evaluate_runs(&compare, &out.join("eval"), false)
-        .context("evaluating the three runs")?;
+    let (comparison, written) =
+        eval::evaluate_runs(&compare, &out.join("eval"), false).context("evaluating the runs")?;
     seconds.push(("eval".to_string(), started.elapsed().as_secs_f64()));
     Ok(DemoOutputs {
         out,

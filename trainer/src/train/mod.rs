@@ -108,8 +108,11 @@ pub fn train(
     let run = Run::load(config, cluster)?;
     let plan = stages(config.method.name);
     let (first_stage, mut position) = resume::starting_point(&run, &options, plan.len())?;
-    // Every rank starts from rank 0's adapters, fresh or resumed alike.
-    let mut adapter_tensors = run.loaded.adapters.trainable_variables();
+    // Every rank starts from rank 0's adapters (AdaLoRA's kept masks included), fresh or
+    // resumed alike, in the same (name) order everywhere.
+    let mut named: Vec<_> = run.loaded.adapters.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut adapter_tensors: Vec<tch::Tensor> = named.into_iter().map(|(_, t)| t).collect();
     tch::no_grad(|| cluster.collective.broadcast(&mut adapter_tensors))
         .context("broadcasting the adapters from rank 0")?;
 
@@ -146,8 +149,8 @@ pub fn train(
     })
 }
 
-/// The step settings of this run's config.
-fn step_settings(config: &RunConfig) -> StepSettings {
+/// The step settings of this run's config, for a stage of `total_steps` steps.
+fn step_settings(config: &RunConfig, total_steps: usize) -> StepSettings {
     let t = &config.train;
     StepSettings {
         beta: config.method.beta,
@@ -159,6 +162,7 @@ fn step_settings(config: &RunConfig) -> StepSettings {
         adam: (t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay),
         seed: t.seed,
         weight_sampling: config.method.weight_sampling,
+        adalora: config.method.adalora(total_steps),
     }
 }
 
@@ -168,17 +172,18 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
     let config = run.config;
     let t = &config.train;
     let topology = run.cluster.topology;
+    let pool = stage.pool.pair_ids(&run.data.train.pairs, run.data.seed);
+    let total_steps = stage_steps(stage, pool.len(), config)?;
     let mut runner = StepRunner::new(
         &run.loaded.model,
         stage,
-        step_settings(config),
+        step_settings(config, total_steps),
         run.cluster.collective,
         BatchPlan::new(&config.data, topology.world_size)?,
         topology.rank,
         run.data.dimensions.len(),
         run.tokenizer.pad_token_id(),
-    );
-    let pool = stage.pool.pair_ids(&run.data.train.pairs, run.data.seed);
+    )?;
     let mut batches = StageBatches::new(
         &run.data.train,
         &pool,
@@ -186,10 +191,9 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
         stage,
         position.as_ref().map(|p| (p.epoch, p.pairs_into_epoch)),
     );
-    let total_steps = stage_steps(stage, pool.len(), config)?;
     let mut step = 0;
     if let Some(p) = &position {
-        restore_optimizer(&mut runner.optimizer, &runner.param_names, p)?;
+        restore_optimizer(&mut runner, p)?;
         step = p.step;
     }
     let progress = run.progress_bar(stage, total_steps, step);

@@ -47,7 +47,7 @@ pub(super) fn evaluate_held_out(
 }
 
 /// One line of `metrics.jsonl`: the step's loss, learning rate, gradient norm, throughput and
-/// per-dimension rewards and accuracy.
+/// per-dimension rewards and accuracy (and for AdaLoRA the penalty and the kept triplets).
 pub(super) fn metrics_record(
     stage: &Stage,
     epoch: usize,
@@ -80,7 +80,7 @@ pub(super) fn metrics_record(
         })
         .collect();
     let seconds = started.elapsed().as_secs_f64();
-    json!({
+    let mut record = json!({
         "stage": stage.number,
         "stage_name": stage.name,
         "epoch": epoch,
@@ -91,5 +91,11 @@ pub(super) fn metrics_record(
         "tokens_per_second": outcome.tokens as f64 / seconds.max(1e-9),
         "seconds": seconds,
         "dimensions": per_dimension,
-    })
+    });
+    if let Some(adalora) = &outcome.adalora {
+        // The loss above includes the penalty; kept = triplets the rank allocator keeps.
+        record["orth_penalty"] = json!(adalora.orth_penalty);
+        record["kept_triplets"] = json!(adalora.kept_triplets);
+    }
+    record
 }

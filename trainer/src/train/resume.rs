@@ -14,7 +14,6 @@ use super::{Cluster, TrainOptions};
 use crate::checkpoint::{self, TrainerState, ADAPTERS_FILE};
 use crate::config::{self, RunConfig};
 use crate::method::Stage;
-use crate::optim::AdamW;
 use crate::reference;
 use crate::saved_run::RESOLVED_CONFIG_FILE;
 use crate::step::StepRunner;
@@ -184,6 +183,9 @@ pub(super) fn write_checkpoint(
         moments.push((format!("exp_avg.{i}"), m.shallow_clone()));
         moments.push((format!("exp_avg_sq.{i}"), v.shallow_clone()));
     }
+    if let Some(allocator) = &runner.rank_allocator {
+        moments.extend(allocator.state());
+    }
     let state = TrainerState {
         version: checkpoint::CHECKPOINT_VERSION,
         stage: stage.number,
@@ -211,16 +213,14 @@ pub(super) fn write_checkpoint(
     run.cluster.barrier()
 }
 
-/// Loads a checkpoint's optimizer moments into a fresh optimizer over the same parameters.
-pub(super) fn restore_optimizer(
-    optimizer: &mut AdamW,
-    param_names: &[String],
-    position: &StagePosition,
-) -> Result<()> {
-    if position.optimizer_params != param_names {
+/// Loads a checkpoint's optimizer moments (and rank-allocation averages) into a fresh runner
+/// over the same parameters.
+pub(super) fn restore_optimizer(runner: &mut StepRunner, position: &StagePosition) -> Result<()> {
+    if position.optimizer_params != runner.param_names {
         bail!("the checkpoint's optimizer holds other parameters than this stage trains");
     }
     let _no_grad = tch::no_grad_guard();
+    let optimizer = &mut runner.optimizer;
     for (i, (m, v)) in optimizer
         .exp_avg
         .iter_mut()
@@ -236,5 +236,8 @@ pub(super) fn restore_optimizer(
         }
     }
     optimizer.step = position.optimizer_steps;
+    if let Some(allocator) = &mut runner.rank_allocator {
+        allocator.restore(&position.optimizer)?;
+    }
     Ok(())
 }
