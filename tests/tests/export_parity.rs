@@ -8,28 +8,57 @@ use std::process::Command;
 use modpo_tests::golden_model;
 use modpo_trainer::checkpoint::{self, AdapterMeta, ADAPTERS_FILE};
 use modpo_trainer::export;
-use modpo_trainer::model::{load_model, AdapterKind, AdapterSpec, Conditioning};
+use modpo_trainer::model::{load_model, AdapterKind, AdapterSpec, Conditioning, LoadedModel};
 use tch::{Device, Kind, Tensor};
 
 #[test]
 fn peft_and_merged_exports_reproduce_our_logits() {
-    let base_dir = golden_model("llama3_untied_sharded");
-    let tmp = tempfile::tempdir().unwrap();
-    let dimensions = vec!["helpfulness".to_string(), "harmlessness".to_string()];
-    let spec = AdapterSpec {
+    exports_reproduce_our_logits(AdapterSpec {
         kind: AdapterKind::Lora,
         rank: 4,
         alpha: 8.0,
         num_dimensions: 2,
         shared: true,
-    };
+    });
+}
+
+/// An AdaLoRA run's adapters (Panacea): k + 1 = 3 modules of 12 triplets per projection, some
+/// dropped by rank allocation (lambda = 0, kept = 0), a different number in each projection
+/// and all of them in one, so the PEFT export has a rank pattern and skips a projection.
+#[test]
+fn adalora_exports_reproduce_our_logits() {
+    exports_reproduce_our_logits(AdapterSpec {
+        kind: AdapterKind::AdaLora,
+        rank: 12,
+        alpha: 512.0,
+        num_dimensions: 2,
+        shared: true,
+    });
+}
+
+/// Random non-zero adapters of `spec` on the golden tiny Llama, through the adapter file, then
+/// PEFT and merged exports at vertices and interior points, checked by `peft`/`transformers`.
+fn exports_reproduce_our_logits(spec: AdapterSpec) {
+    let base_dir = golden_model("llama3_untied_sharded");
+    let tmp = tempfile::tempdir().unwrap();
+    let dimensions = vec!["helpfulness".to_string(), "harmlessness".to_string()];
     let loaded = load_model(&base_dir, Some(&spec), Device::Cpu, Kind::Float).unwrap();
     tch::manual_seed(11);
     tch::no_grad(|| {
-        for (_, mut var) in loaded.adapters.variables() {
+        let mut variables: Vec<_> = loaded.adapters.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        for (index, (name, mut var)) in variables.into_iter().enumerate() {
+            if name.ends_with("_kept") {
+                continue;
+            }
             // Large enough to move the logits by whole units (checked below), small enough
-            // that f32 rounding of merged weights stays well under the tolerance.
-            var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.15));
+            // that f32 rounding of merged weights stays well under the tolerance. AdaLoRA's
+            // lambdas are scaled by alpha / r = 42.7, so they stay small.
+            let std = if name.ends_with("_e") { 0.05 } else { 0.15 };
+            var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * std));
+            if name.ends_with("_e") {
+                drop_triplets(&loaded, &name, &var, index);
+            }
         }
     });
     // Through the adapter file, as `modpo-trainer export` reads it.
@@ -92,6 +121,20 @@ fn peft_and_merged_exports_reproduce_our_logits() {
         ours.push((format!("logits_{index}"), logits));
         exports.push(format!("{kind}={}", out.display()));
     }
+    if spec.kind == AdapterKind::AdaLora {
+        let config =
+            std::fs::read_to_string(tmp.path().join("peft_0/adapter_config.json")).unwrap();
+        let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+        assert!(
+            !config["rank_pattern"].as_object().unwrap().is_empty(),
+            "ranks differ per projection: {config}"
+        );
+        assert_eq!(
+            config["target_modules"].as_array().unwrap().len(),
+            2 * 7 - 1,
+            "the projection that kept nothing is not adapted"
+        );
+    }
     // Also check both formats at an interior point.
     let w = [0.3, 0.7];
     let out = tmp.path().join("merged_interior");
@@ -125,4 +168,22 @@ fn peft_and_merged_exports_reproduce_our_logits() {
             .count(),
         exports.len()
     );
+}
+
+/// Drops some triplets of an AdaLoRA group as the rank allocator does (lambda = 0, kept = 0):
+/// the first `index % 5` of each block, or all of them in `layers.1.mlp.up_proj`'s groups.
+fn drop_triplets(loaded: &LoadedModel, lambda_name: &str, lambda: &Tensor, index: usize) {
+    let kept_name = format!("{}_kept", lambda_name.strip_suffix("_e").unwrap());
+    let kept = loaded.adapters.variables()[&kept_name].shallow_clone();
+    let rows = lambda.size()[0];
+    let mut mask = vec![1f32; rows as usize];
+    for (row, keep) in mask.iter_mut().enumerate() {
+        let all = lambda_name.contains("layers.1.mlp.up_proj");
+        if all || row % 12 < index % 5 {
+            *keep = 0.0;
+        }
+    }
+    let mask = Tensor::from_slice(&mask);
+    kept.shallow_clone().copy_(&mask);
+    lambda.shallow_clone().copy_(&(lambda * &mask));
 }

@@ -249,3 +249,42 @@ fn one_job_per_stage_equals_full_run() {
     }
     assert_same_adapters(&final_adapters(&run), expected);
 }
+
+/// Panacea on AdaLoRA, killed with SIGKILL inside its one stage and resumed, ends with exactly
+/// the adapters of an uninterrupted run: the rank allocator's averages come back from the
+/// checkpoint, and its masks (`*_kept`, which have dropped triplets by then) match too.
+#[test]
+fn kill_9_inside_panacea_then_resume_equals_uninterrupted_run() {
+    let toml = TrainToml {
+        method: "panacea".into(),
+        ..run_toml()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let uninterrupted = tmp.path().join("uninterrupted");
+    let config = workspace_with(&uninterrupted, &toml);
+    assert_success(&modpo(&["train", "--config", &config]));
+    let expected = final_adapters(&uninterrupted.join("run"));
+    let dropped = expected
+        .iter()
+        .filter(|(name, _)| name.ends_with("_kept"))
+        .map(|(_, kept)| (kept.numel() as f64 - kept.sum(tch::Kind::Float).double_value(&[])))
+        .sum::<f64>();
+    assert!(dropped > 0.0, "rank allocation dropped triplets by the end");
+
+    let dir = tmp.path().join("killed");
+    let config = workspace_with(&dir, &toml);
+    let run = dir.join("run");
+    let mut job = Job::modpo(&["train", "--config", &config]);
+    job.wait_until(
+        "a checkpoint after step 4",
+        Duration::from_millis(2),
+        || latest(&run).as_str() >= "stage-1-step-0000004",
+    );
+    job.kill(); // SIGKILL
+    assert!(
+        !run.join("adapters.safetensors").exists(),
+        "killed before the end"
+    );
+    assert_success(&modpo(&["train", "--config", &config, "--resume"]));
+    assert_same_adapters(&final_adapters(&run), &expected);
+}
