@@ -122,6 +122,7 @@ pub(super) fn cases(preset: Preset, ablations: bool) -> Vec<Case> {
     ];
     if preset == Preset::Cpu {
         cases.push(Case::new("panacea", MethodName::Panacea, 1));
+        cases.push(Case::new("panacea-lora", MethodName::PanaceaLora, 1));
         cases.push(Case::new("dpo-soup", MethodName::DpoSoup, 1));
     }
     if preset == Preset::Llama3_8b {
