@@ -267,7 +267,7 @@ fn kill_9_inside_panacea_then_resume_equals_uninterrupted_run() {
     let dropped = expected
         .iter()
         .filter(|(name, _)| name.ends_with("_kept"))
-        .map(|(_, kept)| (kept.numel() as f64 - kept.sum(tch::Kind::Float).double_value(&[])))
+        .map(|(_, kept)| kept.numel() as f64 - kept.sum(tch::Kind::Float).double_value(&[]))
         .sum::<f64>();
     assert!(dropped > 0.0, "rank allocation dropped triplets by the end");
 
