@@ -2,7 +2,7 @@
 //! our merged models loaded by `transformers`, give the logits we compute for the same `w`
 //! (vertices and interior points), on the golden tiny Llama with random, non-zero adapters.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use modpo_tests::golden_model;
@@ -43,24 +43,7 @@ fn exports_reproduce_our_logits(spec: AdapterSpec) {
     let tmp = tempfile::tempdir().unwrap();
     let dimensions = vec!["helpfulness".to_string(), "harmlessness".to_string()];
     let loaded = load_model(&base_dir, Some(&spec), Device::Cpu, Kind::Float).unwrap();
-    tch::manual_seed(11);
-    tch::no_grad(|| {
-        let mut variables: Vec<_> = loaded.adapters.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
-        for (index, (name, mut var)) in variables.into_iter().enumerate() {
-            if name.ends_with("_kept") {
-                continue;
-            }
-            // Large enough to move the logits by whole units (checked below), small enough
-            // that f32 rounding of merged weights stays well under the tolerance. AdaLoRA's
-            // lambdas are scaled by alpha / r = 42.7, so they stay small.
-            let std = if name.ends_with("_e") { 0.05 } else { 0.15 };
-            var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * std));
-            if name.ends_with("_e") {
-                drop_triplets(&loaded, &name, &var, index);
-            }
-        }
-    });
+    randomize_adapters(&loaded);
     // Through the adapter file, as `modpo-trainer export` reads it.
     let run = tmp.path().join("run");
     let meta = AdapterMeta::new(&base_dir, &loaded.fingerprint, &dimensions, &spec);
@@ -122,18 +105,7 @@ fn exports_reproduce_our_logits(spec: AdapterSpec) {
         exports.push(format!("{kind}={}", out.display()));
     }
     if spec.kind == AdapterKind::AdaLora {
-        let config =
-            std::fs::read_to_string(tmp.path().join("peft_0/adapter_config.json")).unwrap();
-        let config: serde_json::Value = serde_json::from_str(&config).unwrap();
-        assert!(
-            !config["rank_pattern"].as_object().unwrap().is_empty(),
-            "ranks differ per projection: {config}"
-        );
-        assert_eq!(
-            config["target_modules"].as_array().unwrap().len(),
-            2 * 7 - 1,
-            "the projection that kept nothing is not adapted"
-        );
+        check_rank_pattern(&tmp.path().join("peft_0"));
     }
     // Also check both formats at an interior point.
     let w = [0.3, 0.7];
@@ -168,6 +140,42 @@ fn exports_reproduce_our_logits(spec: AdapterSpec) {
             .count(),
         exports.len()
     );
+}
+
+/// An AdaLoRA export's ranks differ per projection, and the projection that kept nothing is
+/// not adapted.
+fn check_rank_pattern(export: &Path) {
+    let config = std::fs::read_to_string(export.join("adapter_config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert!(
+        !config["rank_pattern"].as_object().unwrap().is_empty(),
+        "ranks differ per projection: {config}"
+    );
+    assert_eq!(
+        config["target_modules"].as_array().unwrap().len(),
+        2 * 7 - 1
+    );
+}
+
+/// Random adapters: large enough to move the logits by whole units (checked by the caller),
+/// small enough that f32 rounding of merged weights stays well under the tolerance. AdaLoRA's
+/// lambdas are scaled by alpha / r = 42.7, so they stay small, and some triplets are dropped.
+fn randomize_adapters(loaded: &LoadedModel) {
+    tch::manual_seed(11);
+    tch::no_grad(|| {
+        let mut variables: Vec<_> = loaded.adapters.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        for (index, (name, mut var)) in variables.into_iter().enumerate() {
+            if name.ends_with("_kept") {
+                continue;
+            }
+            let std = if name.ends_with("_e") { 0.05 } else { 0.15 };
+            var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * std));
+            if name.ends_with("_e") {
+                drop_triplets(loaded, &name, &var, index);
+            }
+        }
+    });
 }
 
 /// Drops some triplets of an AdaLoRA group as the rank allocator does (lambda = 0, kept = 0):

@@ -529,5 +529,80 @@ mod tests {
         assert!(bad("name = \"panacea\"\nbeta = 0").contains("method.beta"));
         assert!(bad("name = \"panacea\"\nrank = 0").contains("method.rank"));
         assert!(toml::from_str::<MethodConfig>("name = \"soup\"").is_err());
+        // The AdaLoRA keys: panacea only, within PEFT's ranges.
+        let message = bad("name = \"curriculum\"\ninit_rank = 12");
+        assert!(message.contains("method.init_rank") && message.contains("panacea"));
+        assert!(bad("name = \"panacea-lora\"\north_reg_weight = 0.5")
+            .contains("method.orth_reg_weight"));
+        assert!(bad("name = \"panacea\"\nrank = 16").contains("method.rank"));
+        assert!(bad("name = \"panacea\"\nbeta1 = 1.0").contains("method.beta1"));
+        assert!(bad("name = \"panacea\"\ndelta_t = 0").contains("method.delta_t"));
+        assert!(
+            bad("name = \"panacea\"\north_reg_weight = -1.0").contains("method.orth_reg_weight")
+        );
+    }
+
+    #[test]
+    fn panacea_is_the_papers_adalora_and_panacea_lora_the_curriculums_lora() {
+        let panacea: MethodConfig = toml::from_str("name = \"panacea\"").unwrap();
+        let spec = panacea.adapter_spec(2);
+        assert_eq!(
+            (spec.kind, spec.rank, spec.alpha, spec.shared),
+            (AdapterKind::AdaLora, 12, 512.0, true)
+        );
+        let training = panacea.adalora(100).unwrap();
+        assert_eq!(training.orth_reg_weight, 0.5);
+        let s = training.schedule;
+        assert_eq!(
+            (s.init_rank, s.target_rank, s.tinit, s.tfinal, s.delta_t),
+            (12, 8, 0, 0, 1)
+        );
+        assert_eq!((s.beta1, s.beta2, s.total_step), (0.85, 0.85, 100));
+        let lora: MethodConfig = toml::from_str("name = \"panacea-lora\"").unwrap();
+        let spec = lora.adapter_spec(2);
+        assert_eq!(
+            (spec.kind, spec.rank, spec.alpha),
+            (AdapterKind::Lora, 8, 16.0)
+        );
+        assert!(lora.adalora(100).is_none());
+        assert_eq!(
+            stages(MethodName::Panacea)[0].step,
+            stages(MethodName::PanaceaLora)[0].step
+        );
+    }
+
+    /// PEFT's cubic budget schedule (`RankAllocator.budget_schedule`), by hand for init 168,
+    /// target 112, T = 6: step 0 <= tinit keeps all; step t: int(56 (1 - t/6)^3 + 112).
+    #[test]
+    fn budget_schedule_is_pefts() {
+        let schedule = AllocationSchedule {
+            init_rank: 12,
+            target_rank: 8,
+            tinit: 0,
+            tfinal: 0,
+            delta_t: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            total_step: 6,
+        };
+        let budgets: Vec<(i64, bool)> = (0..6).map(|t| schedule.budget(t, 168, 112)).collect();
+        // 56 (5/6)^3 = 32.4, (4/6)^3 -> 16.6, (3/6)^3 -> 7, (2/6)^3 -> 2.07, (1/6)^3 -> 0.26
+        assert_eq!(
+            budgets,
+            [
+                (168, false),
+                (144, true),
+                (128, true),
+                (119, true),
+                (114, true),
+                (112, true)
+            ]
+        );
+        let late = AllocationSchedule {
+            tinit: 5,
+            tfinal: 1,
+            ..schedule
+        };
+        assert!(late.validate().is_err(), "no budgeting phase");
     }
 }

@@ -308,10 +308,15 @@ impl RankAllocator {
 
     /// Triplets kept at the last allocation, over the whole model.
     pub fn kept(&self) -> i64 {
-        self.groups
+        // One device-to-host read for the whole model.
+        let per_group: Vec<Tensor> = self
+            .groups
             .iter()
-            .map(|g| g.kept.sum(Kind::Float).double_value(&[]) as i64)
-            .sum()
+            .map(|g| g.kept.sum(Kind::Float))
+            .collect();
+        Tensor::stack(&per_group, 0)
+            .sum(Kind::Float)
+            .double_value(&[]) as i64
     }
 
     /// The parameters the allocator reads, by name, in a fixed order.
