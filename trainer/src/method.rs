@@ -571,6 +571,36 @@ mod tests {
         );
     }
 
+    /// Dirichlet(1) draws: every row on the simplex; over many draws each dimension's mean is
+    /// 1/k (standard error sqrt((k-1)/(k^2 (k+1) n)) < 0.002 at n = 20000, so 0.01 is five of
+    /// them); per-step mode repeats one w over the batch, and the draw depends only on
+    /// (seed, stage, step).
+    #[test]
+    fn weight_draws_are_uniform_on_the_simplex() {
+        for k in 2..=5 {
+            let draws = WeightSampling::PerRow.draw(7, 3, 0, 20_000, k);
+            let mut mean = vec![0f64; k];
+            for w in &draws {
+                assert_eq!(w.len(), k);
+                assert!(w.iter().all(|x| *x >= 0.0));
+                let sum: f32 = w.iter().sum();
+                assert!((sum - 1.0).abs() < 1e-5, "{w:?} sums to {sum}");
+                for (m, x) in mean.iter_mut().zip(w) {
+                    *m += f64::from(*x) / draws.len() as f64;
+                }
+            }
+            for m in &mean {
+                assert!((m - 1.0 / k as f64).abs() < 0.01, "k = {k}: means {mean:?}");
+            }
+        }
+        let step = WeightSampling::PerStep.draw(7, 3, 4, 16, 3);
+        assert!(step.iter().all(|w| w == &step[0]), "one w per step");
+        assert_ne!(step[0], WeightSampling::PerStep.draw(7, 3, 5, 16, 3)[0]);
+        assert_eq!(step, WeightSampling::PerStep.draw(7, 3, 4, 16, 3), "seeded");
+        let rows = WeightSampling::PerRow.draw(7, 3, 4, 16, 3);
+        assert_ne!(rows[0], rows[1], "one w per pair");
+    }
+
     /// PEFT's cubic budget schedule (`RankAllocator.budget_schedule`), by hand for init 168,
     /// target 112, T = 6: step 0 <= tinit keeps all; step t: int(56 (1 - t/6)^3 + 112).
     #[test]
