@@ -148,6 +148,55 @@ impl<'a> StepRunner<'a> {
         step: usize,
         lr: f64,
     ) -> Result<StepOutcome> {
+        let (stats, penalty) = self.backward(pairs, global, reference, step);
+        let mut outcome = self.update(stats, lr, step)?;
+        outcome.adalora = self
+            .rank_allocator
+            .as_ref()
+            .map(|allocator| AdaLoraOutcome {
+                orth_penalty: penalty,
+                kept_triplets: allocator.kept(),
+            });
+        Ok(outcome)
+    }
+
+    /// The step's loss and gradients without the update, for checking a step against a
+    /// reference: the backward of this rank's micro-batches and the penalty, then the
+    /// all-reduce over ranks, i.e. what [`StepRunner::step`] hands to clipping and AdamW.
+    /// Returns the loss (mean over the global batch) and each trainable tensor's gradient by
+    /// name, and clears the gradients.
+    pub fn gradients(
+        &mut self,
+        pairs: &[TokenizedPair],
+        global: &[usize],
+        reference: ReferenceSource,
+        step: usize,
+    ) -> Result<(f64, Vec<(String, Tensor)>)> {
+        let (stats, _) = self.backward(pairs, global, reference, step);
+        self.reduce_gradients()?;
+        let mut loss = [stats.sums.double_value(&[0])];
+        self.collective
+            .all_reduce_f64(&mut loss, Op::Sum)
+            .context("reducing the step's loss")?;
+        let gradients = self
+            .param_names
+            .iter()
+            .zip(&self.optimizer.params)
+            .map(|(name, p)| (name.clone(), p.grad().copy()))
+            .collect();
+        self.optimizer.zero_grad();
+        Ok((loss[0], gradients))
+    }
+
+    /// The passes and backward of this rank's micro-batches of `global`, then the AdaLoRA
+    /// penalty: gradients accumulate in `.grad`. Returns the statistics and the penalty.
+    fn backward(
+        &self,
+        pairs: &[TokenizedPair],
+        global: &[usize],
+        reference: ReferenceSource,
+        step: usize,
+    ) -> (StepStats, f64) {
         let (k, device) = (self.k, self.device);
         let selected: Vec<&TokenizedPair> = global.iter().map(|&i| &pairs[i]).collect();
         let norms = Normalisers::of(&selected, k, self.batch_plan.world_size);
@@ -194,15 +243,7 @@ impl<'a> StepRunner<'a> {
             accumulate(&context, &inputs, &norms, &mut stats);
         }
         let penalty = self.add_orthogonality_penalty(&mut stats);
-        let mut outcome = self.update(stats, lr, step)?;
-        outcome.adalora = self
-            .rank_allocator
-            .as_ref()
-            .map(|allocator| AdaLoraOutcome {
-                orth_penalty: penalty,
-                kept_triplets: allocator.kept(),
-            });
-        Ok(outcome)
+        (stats, penalty)
     }
 
     /// AdaLoRA's orthogonality penalty, once per optimizer step (as PEFT adds it once to the
@@ -229,14 +270,19 @@ impl<'a> StepRunner<'a> {
         penalty.double_value(&[])
     }
 
-    /// All-reduce of the gradients, clipping, the metrics reduced over ranks, then (if both
-    /// are finite) the AdamW update.
-    fn update(&mut self, stats: StepStats, lr: f64, step: usize) -> Result<StepOutcome> {
-        // One flat all-reduce per dtype of the gradients, then identical updates everywhere.
+    /// One flat all-reduce per dtype of the gradients (their mean over ranks), so that every
+    /// rank then makes the same update.
+    fn reduce_gradients(&self) -> Result<()> {
         let mut grads: Vec<Tensor> = self.optimizer.params.iter().map(Tensor::grad).collect();
         self.collective
             .all_reduce_mean(&mut grads)
-            .context("all-reduce of the gradients")?;
+            .context("all-reduce of the gradients")
+    }
+
+    /// All-reduce of the gradients, clipping, the metrics reduced over ranks, then (if both
+    /// are finite) the AdamW update.
+    fn update(&mut self, stats: StepStats, lr: f64, step: usize) -> Result<StepOutcome> {
+        self.reduce_gradients()?;
         let grad_norm = self.optimizer.clip_grad_norm(self.settings.max_grad_norm);
         let mut sums =
             Vec::<f64>::try_from(stats.sums.to_device(Device::Cpu).to_kind(Kind::Double))?;
