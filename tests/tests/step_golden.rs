@@ -88,8 +88,11 @@ fn settings(method: &MethodConfig) -> StepSettings {
     }
 }
 
+/// A tensor as safetensors stores it: dtype, shape, little-endian bytes.
+type Serialized = (Dtype, Vec<usize>, Vec<u8>);
+
 /// safetensors bytes of an f32 or i64 tensor.
-fn view_bytes(t: &Tensor) -> (Dtype, Vec<usize>, Vec<u8>) {
+fn view_bytes(t: &Tensor) -> Serialized {
     let shape = t.size().iter().map(|&d| d as usize).collect();
     let flat = t.contiguous().view([-1]);
     match t.kind() {
@@ -115,7 +118,7 @@ fn view_bytes(t: &Tensor) -> (Dtype, Vec<usize>, Vec<u8>) {
 /// The reference's input: the spec, the pairs' token ids, preferences, drawn weights and the
 /// adapters.
 fn write_input(path: &Path, spec: serde_json::Value, tensors: Vec<(String, Tensor)>) {
-    let bytes: Vec<(String, (Dtype, Vec<usize>, Vec<u8>))> = tensors
+    let bytes: Vec<(String, Serialized)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), view_bytes(t)))
         .collect();
