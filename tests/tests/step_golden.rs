@@ -313,3 +313,72 @@ fn every_stage_matches_the_reference_on_helpsteer_pairs_with_ties() {
     assert!(ties.count() > 0, "the pairs have ties");
     check(tmp.path(), &data);
 }
+
+/// Data parallelism before the optimizer: the same global batch on 2 ranks (each its shard, 1
+/// micro-batch of 4) gives gradients whose mean over the ranks (what the all-reduce computes)
+/// is the 1-rank gradient (2 micro-batches of 4), and losses that sum to its loss, for the
+/// plans where the normalisers differ most: HelpSteer's ties (per-dimension counts), stage 3's
+/// teacher and Panacea's penalty (added on every rank, counted once). A wrong world-size
+/// factor, a shard normalised by its own size or a penalty counted per rank fails it.
+#[test]
+fn two_ranks_average_to_the_one_rank_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path(), "helpsteer", "helpsteer_sample.jsonl", 60);
+    let k = data.dimensions.len();
+    let pairs = &data.train.pairs;
+    for method in [
+        MethodConfig::new(MethodName::Curriculum),
+        MethodConfig::new(MethodName::Panacea),
+    ] {
+        let loaded = model(&tmp.path().join("model"), &method, k);
+        let tokenizer = ChatTokenizer::from_model_dir(&tmp.path().join("model"), None).unwrap();
+        let pad = tokenizer.pad_token_id();
+        let stage = stages(method.name).pop().unwrap();
+        let global: Vec<usize> = stage
+            .pool
+            .pair_ids(pairs, data.seed)
+            .into_iter()
+            .take(GLOBAL_BATCH)
+            .collect();
+        let cached = reference::compute_for(&loaded.model, pairs, &global, 4, pad, Device::Cpu);
+        // `Single`'s all-reduce leaves each rank's own gradients, which the test averages.
+        let step = |accumulation: usize, world_size: usize, rank: usize| {
+            let plan =
+                BatchPlan::from_factors(GLOBAL_BATCH, 4, Some(accumulation), world_size).unwrap();
+            let mut runner = StepRunner::new(
+                &loaded.model,
+                &stage,
+                settings(&method),
+                &Single,
+                plan,
+                rank,
+                k,
+                pad,
+            )
+            .unwrap();
+            runner
+                .gradients(pairs, &global, ReferenceSource::Cached(&cached), 0)
+                .unwrap()
+        };
+        let (one_loss, one) = step(2, 1, 0);
+        let (loss_0, rank_0) = step(1, 2, 0);
+        let (loss_1, rank_1) = step(1, 2, 1);
+        let what = format!("{:?} stage {}", method.name, stage.number);
+        assert!(
+            (loss_0 + loss_1 - one_loss).abs() <= 1e-5 * one_loss.abs(),
+            "{what}: losses {loss_0} + {loss_1} vs {one_loss}"
+        );
+        for (((name, g), (_, g0)), (_, g1)) in one.iter().zip(&rank_0).zip(&rank_1) {
+            let scale = g.abs().max().double_value(&[]);
+            let diff = ((g0 + g1) / 2.0 - g).abs().max().double_value(&[]);
+            assert!(
+                scale > 0.0 && diff <= 1e-5 * scale,
+                "{what} {name}: differs by {diff}"
+            );
+            assert!(
+                !g0.allclose(g, 1e-3, 1e-3, false),
+                "{what} {name}: the shards differ"
+            );
+        }
+    }
+}
