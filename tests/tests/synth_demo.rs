@@ -1,4 +1,4 @@
-//! `modpo-trainer demo` end to end on a small budget: synthetic data, the three methods, the
+//! `modpo-trainer demo` end to end on a small budget: synthetic data, the four methods, the
 //! evaluation with intervals and the plot; then a second demo into the same directory is
 //! refused, and with `force` the first is moved aside, not lost.
 
@@ -31,6 +31,22 @@ fn small_demo_runs_end_to_end_and_never_overwrites() {
         .map(|r| r.label.as_str())
         .collect();
     assert_eq!(labels, METHODS);
+    // max_steps = 4 per stage, 16 pairs per step, k = 2: the curriculum's three stages take
+    // 1, 2 and 3 passes (4 x 16 x 6 = 384), Panacea's one stage k + 1 = 3, DPO-Soup's k = 2.
+    let compute: Vec<(&str, usize, usize)> = outputs
+        .compute
+        .iter()
+        .map(|c| (c.method.as_str(), c.steps, c.pair_passes))
+        .collect();
+    assert_eq!(
+        compute,
+        [
+            ("curriculum", 12, 384),
+            ("panacea", 4, 192),
+            ("panacea-lora", 4, 192),
+            ("dpo-soup", 4, 128)
+        ]
+    );
     assert_eq!(
         outputs.comparison.settings.len(),
         5,

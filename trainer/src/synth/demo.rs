@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use super::{SynthFiles, SynthSpec};
 use crate::config::RunConfig;
 use crate::eval::{self, report::Written, Bootstrap, CompareOptions, Comparison};
+use crate::method::stages;
 use crate::train::{train, Cluster, TrainOptions};
 
 /// The embedded default: `[demo]` (the synthetic data) and the run config of every method.
@@ -52,6 +53,17 @@ pub struct DemoOutputs {
     pub written: Written,
     /// Wall seconds of the synth, each training run, and the evaluation.
     pub seconds: Vec<(String, f64)>,
+    /// What each run trained with, in run order.
+    pub compute: Vec<RunCompute>,
+}
+
+/// The compute a run spent: optimizer steps over all its stages, and pair-passes (a forward
+/// and backward of one pair under one `w`: a step of stage s costs global batch x passes(s)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCompute {
+    pub method: String,
+    pub steps: usize,
+    pub pair_passes: usize,
 }
 
 /// `[demo]` of the embedded config.
@@ -185,6 +197,7 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
         .with_context(|| format!("cannot create {}", config_dir.display()))?;
     let mut configs = Vec::new();
     let mut runs = Vec::new();
+    let mut compute = Vec::new();
     for method in METHODS {
         let run_dir = out.join("runs").join(method);
         let text = run_config_text(&table, &synth, method, &run_dir, options.max_steps)?;
@@ -196,6 +209,12 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
         let summary = train(&config, &text, TrainOptions::default(), &Cluster::single())
             .with_context(|| format!("training {method} ({})", path.display()))?;
         seconds.push((method.to_string(), started.elapsed().as_secs_f64()));
+        compute.push(run_compute(
+            method,
+            &config,
+            &summary.steps,
+            synth.dimensions.len(),
+        ));
         configs.push(path);
         runs.push(summary.run_dir);
     }
@@ -220,5 +239,20 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
         comparison,
         written,
         seconds,
+        compute,
     })
+}
+
+/// The steps and pair-passes of a finished run whose stages took `steps` optimizer steps each.
+fn run_compute(method: &str, config: &RunConfig, steps: &[usize], k: usize) -> RunCompute {
+    let pair_passes = stages(config.method.name)
+        .iter()
+        .zip(steps)
+        .map(|(stage, steps)| steps * config.data.global_batch * stage.step.passes(k))
+        .sum();
+    RunCompute {
+        method: method.to_string(),
+        steps: steps.iter().sum(),
+        pair_passes,
+    }
 }

@@ -221,11 +221,18 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         "model                  {}",
         outputs.synth.model_dir.display()
     );
-    for (config, run) in outputs.configs.iter().zip(&outputs.runs) {
+    for ((config, run), compute) in outputs
+        .configs
+        .iter()
+        .zip(&outputs.runs)
+        .zip(&outputs.compute)
+    {
         println!(
-            "run                    {} (config {})",
+            "run                    {} (config {}): {} optimizer steps, {} pair-passes",
             run.display(),
-            config.display()
+            config.display(),
+            compute.steps,
+            compute.pair_passes
         );
     }
     println!(
