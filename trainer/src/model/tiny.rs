@@ -51,6 +51,13 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec, seed: i64) -> Result<(
     std::fs::write(dir.join("config.json"), &text)
         .with_context(|| format!("cannot write {}", dir.join("config.json").display()))?;
     let model_config = ModelConfig::from_json(&text)?;
+    // The draws come from libtorch's global generator: two threads seeding and drawing at the
+    // same time would interleave and write different weights for the same seed (seen in
+    // parallel tests as a model fingerprint that changed), so one model is drawn at a time.
+    static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _drawing = DRAWING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     tch::manual_seed(seed);
     let tensors: Vec<(String, Tensor)> = parameter_shapes(&model_config)
         .into_iter()
