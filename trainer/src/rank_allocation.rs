@@ -103,10 +103,6 @@ struct TripletGroup {
 const PARTS: [&str; 3] = ["a", "e", "b"];
 
 impl TripletGroup {
-    fn parameters(&self) -> [&Tensor; 3] {
-        [&self.q, &self.lambda, &self.p]
-    }
-
     /// Triplet scores [rows]: lambda's score + the mean score of the Q row + the mean score of
     /// the P column (PEFT `_combine_ipt`).
     fn scores(&self) -> Tensor {
@@ -317,18 +313,5 @@ impl RankAllocator {
         Tensor::stack(&per_group, 0)
             .sum(Kind::Float)
             .double_value(&[]) as i64
-    }
-
-    /// The parameters the allocator reads, by name, in a fixed order.
-    pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        self.groups
-            .iter()
-            .flat_map(|g| {
-                PARTS
-                    .iter()
-                    .zip(g.parameters())
-                    .map(move |(part, t)| (format!("{}_{part}", g.name), t.shallow_clone()))
-            })
-            .collect()
     }
 }
