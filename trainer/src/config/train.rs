@@ -35,6 +35,13 @@ pub struct TrainConfig {
     /// Passes over each stage's pairs.
     #[serde(default = "defaults::epochs")]
     pub epochs: usize,
+    /// A compute budget for the whole run in pair-passes (one forward and backward of one pair
+    /// under one `w`), instead of `epochs`: each stage gets the share of the budget that it
+    /// takes of one epoch of every stage, so methods can be compared at equal compute while the
+    /// curriculum keeps its one-epoch balance between stages. A stage of s passes per step
+    /// then runs round(share / (global_batch x s)) steps, at least one.
+    #[serde(default)]
+    pub pair_passes: Option<usize>,
     /// At most this many optimizer steps per stage (for short runs).
     #[serde(default)]
     pub max_steps: Option<usize>,
@@ -155,6 +162,13 @@ impl TrainConfig {
         self.collective_choice()?;
         if self.keep_checkpoints == 0 {
             return invalid("keep_checkpoints", "must be at least 1".into());
+        }
+        if self.pair_passes == Some(0) {
+            return invalid("pair_passes", "must be at least 1 when given".into());
+        }
+        if self.pair_passes.is_some() && self.epochs != defaults::epochs() {
+            let rule = "give epochs or pair_passes, not both (the budget sets each stage's steps)";
+            return invalid("pair_passes", rule.into());
         }
         if self.max_steps == Some(0) {
             return invalid("max_steps", "must be at least 1 when given".into());

@@ -40,7 +40,12 @@ impl StageBatches {
             pool: train.pool_by(pool, row_length),
             global_batch,
             seed: config.data.seed.wrapping_add(stage.number as u64),
-            epochs: config.train.epochs,
+            // A pair-pass budget sets the stage's steps, which may run into a further epoch;
+            // the training loop stops at them.
+            epochs: match config.train.pair_passes {
+                Some(_) => usize::MAX,
+                None => config.train.epochs,
+            },
             epoch,
             batches: Vec::new(),
             next: skip,

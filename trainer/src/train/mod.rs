@@ -173,7 +173,7 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
     let t = &config.train;
     let topology = run.cluster.topology;
     let pool = stage.pool.pair_ids(&run.data.train.pairs, run.data.seed);
-    let total_steps = stage_steps(stage, pool.len(), config)?;
+    let total_steps = stage_steps(run, stage)?;
     let mut runner = StepRunner::new(
         &run.loaded.model,
         stage,
@@ -259,21 +259,52 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
     Ok(StageEnd::Finished(step))
 }
 
-/// Optimizer steps of a stage over `pool_pairs` pairs: whole global batches per epoch, at most
-/// `train.max_steps`.
-fn stage_steps(stage: &Stage, pool_pairs: usize, config: &RunConfig) -> Result<usize> {
-    let steps_per_epoch = pool_pairs / config.data.global_batch;
-    if steps_per_epoch == 0 {
-        bail!(
-            "stage {} ({}) has {} training pairs, fewer than data.global_batch = {}",
-            stage.number,
-            stage.name,
-            pool_pairs,
-            config.data.global_batch
-        );
-    }
+/// Optimizer steps of `stage`: whole global batches over its pool, `train.epochs` times or
+/// its share of `train.pair_passes`, at most `train.max_steps`.
+fn stage_steps(run: &Run, stage: &Stage) -> Result<usize> {
+    let config = run.config;
+    let batch = config.data.global_batch;
+    let k = run.data.dimensions.len();
+    let steps_per_epoch = |s: &Stage| -> Result<usize> {
+        let pool_pairs = s.pool.pair_ids(&run.data.train.pairs, run.data.seed).len();
+        if pool_pairs < batch {
+            bail!(
+                "stage {} ({}) has {pool_pairs} training pairs, fewer than data.global_batch = {batch}",
+                s.number,
+                s.name,
+            );
+        }
+        Ok(pool_pairs / batch)
+    };
     let t = &config.train;
-    Ok((steps_per_epoch * t.epochs).min(t.max_steps.unwrap_or(usize::MAX)))
+    let steps = match t.pair_passes {
+        None => steps_per_epoch(stage)? * t.epochs,
+        Some(budget) => {
+            let epoch_cost =
+                |s: &Stage| -> Result<usize> { Ok(steps_per_epoch(s)? * batch * s.step.passes(k)) };
+            let mut epoch_costs = Vec::new();
+            for s in &stages(config.method.name) {
+                epoch_costs.push(epoch_cost(s)?);
+            }
+            let stage_cost = batch * stage.step.passes(k);
+            steps_from_budget(budget, &epoch_costs, stage.number - 1, stage_cost)
+        }
+    };
+    Ok(steps.min(t.max_steps.unwrap_or(usize::MAX)))
+}
+
+/// Steps of stage `stage` (0-based) under a budget of `budget` pair-passes: its share of the
+/// budget is its share of one epoch of every stage (`epoch_costs`, in pair-passes), divided
+/// by what one of its steps costs, rounded, at least one step.
+fn steps_from_budget(
+    budget: usize,
+    epoch_costs: &[usize],
+    stage: usize,
+    step_cost: usize,
+) -> usize {
+    let all_stages: usize = epoch_costs.iter().sum();
+    let share = budget as f64 * epoch_costs[stage] as f64 / all_stages as f64;
+    ((share / step_cost as f64).round() as usize).max(1)
 }
 
 /// Verifies every rank holds the same trainable parameters: three sums over all of them
@@ -310,4 +341,28 @@ fn check_replicas(
     }
     tracing::debug!(stage, step, checksum = sums[0], "replicas identical");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steps_from_budget;
+
+    /// The demo's default, easy-hard with k = 2: 2000 pairs, 400 conflict, global batch 16.
+    /// One epoch of each curriculum stage: stage 1 over the 1600 agree pairs, 100 steps of
+    /// 16 x 1 passes = 1600 pair-passes; stage 2 over the 400 conflict pairs, 25 steps of
+    /// 16 x 2 = 800; stage 3 over 400 agree + 400 conflict, 50 steps of 16 x 3 = 2400; 4800
+    /// in all. A budget of 6000 (one Panacea epoch, 2000 x 3) gives stage 1 6000 x 1600 / 4800
+    /// = 2000 pair-passes = 125 steps, stage 2 1000 / 32 = 31.25 -> 31 steps, stage 3
+    /// 3000 / 48 = 62.5 -> 63 steps (f64::round rounds half away from zero).
+    #[test]
+    fn a_budget_is_shared_as_one_epoch_of_each_stage_would() {
+        let epochs = [1600, 800, 2400];
+        assert_eq!(steps_from_budget(6000, &epochs, 0, 16), 125);
+        assert_eq!(steps_from_budget(6000, &epochs, 1, 32), 31);
+        assert_eq!(steps_from_budget(6000, &epochs, 2, 48), 63);
+        // DPO-Soup, one stage over all 2000 pairs at k = 2 passes: 6000 / 32 = 187.5 -> 188.
+        assert_eq!(steps_from_budget(6000, &[4000], 0, 32), 188);
+        // A tiny budget still takes a step.
+        assert_eq!(steps_from_budget(1, &epochs, 1, 32), 1);
+    }
 }
