@@ -1,36 +1,31 @@
-//! A seeded synthetic k-dimensional preference benchmark with the structure the curriculum
+//! Seeded synthetic k-dimensional preference benchmarks with the structure the curriculum
 //! addresses (METHOD.md sections 1 and 4): most pairs **agree** (one response is at least as
 //! good on every dimension) and a minority **conflict** (better on one dimension, worse on
-//! another). It needs no download: the data is written in the generic JSONL format next to a
+//! another). They need no download: the data is written in the generic JSONL format next to a
 //! tiny random Llama with a byte-level tokenizer (`model::tiny`), so the whole method runs on
 //! a CPU in minutes (`modpo-trainer synth`, `modpo-trainer demo`).
 //!
-//! **What each dimension rewards.** A response is [`WORDS_PER_RESPONSE`] lowercase words. Each
-//! dimension `i` owns one marker word ([`MARKERS`]); its score is the number of times that
-//! word appears in the response (0 to [`MAX_COUNT`]). The other words are fillers drawn from
-//! [`FILLERS`], which no dimension rewards. With k = 2, "polite" rewards `please`, "formal"
-//! rewards `indeed`; k = 3 adds "cheerful" (`great`), k = 4 "precise" (`exactly`). Since every
-//! response has the same number of words, a marker replaces a filler: length carries no
-//! signal, only which words are there.
+//! Responses are short strings of lowercase words; every dimension's score is a count of
+//! certain words, so the scores are exact and checkable from the text ([`score`]). The
+//! [`Scenario`]s differ in how the dimensions relate, each described in its module:
+//! [`independent`] (disjoint marker words, dimension 0 decides every pair), [`easy_hard`] (a
+//! salient easy dimension and graded hard ones, as in PKU-SafeRLHF), [`interference`] (words
+//! shared between dimensions with opposite signs) and [`length_bias`] (one dimension grows
+//! with the response's length).
 //!
-//! **The structure.** Dimension 0 is the *easy* one: in every agree pair the better response
-//! has strictly more of dimension 0's marker and at least as many of every other marker, so
-//! dimension 0 alone separates the agree pairs (and the total number of markers does too).
-//! In a conflict pair the response with more of dimension 0's marker has strictly fewer of
-//! another dimension `j`'s marker (j drawn uniformly from 1..k); the remaining dimensions are
-//! drawn independently (for k >= 3, draws whose markers would not fit in the words are
-//! redrawn). Exactly `round(conflict_rate * pairs)` pairs conflict, at random
-//! positions. Which response is `response_a` is a coin flip, so position carries no signal.
-//! A model that only learns "more markers is better" (what the agree pairs teach) is at chance
-//! on the conflict pairs at the vertices; telling the dimensions apart needs the dimension
-//! adapters.
-//!
-//! Train and eval files never share a prompt: every prompt carries its split and index.
+//! Common to all: exactly `round(conflict_rate * pairs)` pairs conflict, at random positions;
+//! which response is `response_a` is a coin flip, so position carries no signal; train and
+//! eval files never share a prompt (every prompt carries its split and index).
 
 pub mod demo;
+pub mod easy_hard;
+pub mod independent;
+pub mod interference;
+pub mod length_bias;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
@@ -40,10 +35,6 @@ use serde_json::json;
 
 use crate::model::tiny::{write_tiny_model, TinyModelSpec};
 
-/// Dimension names, in order; a run with k dimensions uses the first k.
-pub const DIMENSIONS: [&str; 4] = ["polite", "formal", "cheerful", "precise"];
-/// The word dimension i rewards (its score is how often the word appears).
-pub const MARKERS: [&str; 4] = ["please", "indeed", "great", "exactly"];
 /// Words no dimension rewards.
 pub const FILLERS: [&str; 16] = [
     "we", "can", "send", "the", "file", "now", "so", "it", "is", "done", "soon", "then", "our",
@@ -53,15 +44,106 @@ pub const FILLERS: [&str; 16] = [
 const TOPICS: [&str; 8] = [
     "invoice", "meeting", "report", "delivery", "budget", "schedule", "backup", "contract",
 ];
-/// Words in every response.
-pub const WORDS_PER_RESPONSE: usize = 8;
-/// Most occurrences of one marker in a response.
-pub const MAX_COUNT: usize = 3;
+
+/// How the dimensions of a synthetic benchmark relate (see each module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    Independent,
+    EasyHard,
+    Interference,
+    LengthBias,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Independent,
+        Scenario::EasyHard,
+        Scenario::Interference,
+        Scenario::LengthBias,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Independent => "independent",
+            Scenario::EasyHard => "easy-hard",
+            Scenario::Interference => "interference",
+            Scenario::LengthBias => "length-bias",
+        }
+    }
+
+    /// Every dimension name, in order; k dimensions are the first k.
+    pub fn dimension_names(self) -> &'static [&'static str] {
+        match self {
+            Scenario::Independent => &independent::DIMENSIONS,
+            Scenario::EasyHard => &easy_hard::DIMENSIONS,
+            Scenario::Interference => &interference::DIMENSIONS,
+            Scenario::LengthBias => &length_bias::DIMENSIONS,
+        }
+    }
+
+    /// The share of conflict pairs when none is given: 20% for `easy-hard` (the PKU
+    /// sample's 117 of 500), 25% otherwise (the first demo's).
+    pub fn default_conflict_rate(self) -> f64 {
+        match self {
+            Scenario::EasyHard => 0.2,
+            _ => 0.25,
+        }
+    }
+
+    /// The two responses of one pair of the given kind (which goes first is decided later).
+    fn draw_pair(self, rng: &mut ChaCha8Rng, k: usize, conflict: bool) -> (String, String) {
+        match self {
+            Scenario::Independent => independent::draw_pair(rng, k, conflict),
+            Scenario::EasyHard => easy_hard::draw_pair(rng, k, conflict),
+            Scenario::Interference => interference::draw_pair(rng, k, conflict),
+            Scenario::LengthBias => length_bias::draw_pair(rng, k, conflict),
+        }
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Scenario::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .with_context(|| {
+                let names: Vec<&str> = Scenario::ALL.iter().map(|c| c.name()).collect();
+                format!("unknown scenario {s:?}: one of {}", names.join(", "))
+            })
+    }
+}
+
+/// The score of every dimension of `text` under `scenario` with `k` dimensions.
+pub fn score(scenario: Scenario, text: &str, k: usize) -> Vec<f64> {
+    match scenario {
+        Scenario::Independent => independent::score(text, k),
+        Scenario::EasyHard => easy_hard::score(text, k),
+        Scenario::Interference => interference::score(text, k),
+        Scenario::LengthBias => length_bias::score(text, k),
+    }
+}
+
+/// How often `word` appears in `text` (whole words).
+fn count(text: &str, word: &str) -> usize {
+    text.split_whitespace().filter(|w| *w == word).count()
+}
+
+/// `Some(true)` for a conflict pair (some dimension prefers each response), `Some(false)` for
+/// an agree pair (no dimension disagrees, one prefers), `None` for a tie on every dimension.
+pub fn pair_kind(scores_a: &[f64], scores_b: &[f64]) -> Option<bool> {
+    let a_better = scores_a.iter().zip(scores_b).any(|(a, b)| a > b);
+    let b_better = scores_a.iter().zip(scores_b).any(|(a, b)| a < b);
+    (a_better || b_better).then_some(a_better && b_better)
+}
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthSpec {
-    /// k, 2 to 4.
+    pub scenario: Scenario,
+    /// k, 2 to the scenario's number of dimensions.
     pub dimensions: usize,
     /// Training pairs.
     pub pairs: usize,
@@ -75,10 +157,11 @@ pub struct SynthSpec {
 impl Default for SynthSpec {
     fn default() -> Self {
         SynthSpec {
+            scenario: Scenario::EasyHard,
             dimensions: 2,
             pairs: 2000,
             eval_pairs: 400,
-            conflict_rate: 0.25,
+            conflict_rate: Scenario::EasyHard.default_conflict_rate(),
             seed: 0,
         }
     }
@@ -86,12 +169,12 @@ impl Default for SynthSpec {
 
 impl SynthSpec {
     pub fn validate(&self) -> Result<()> {
-        if !(2..=DIMENSIONS.len()).contains(&self.dimensions) {
+        let most = self.scenario.dimension_names().len();
+        if !(2..=most).contains(&self.dimensions) {
             bail!(
-                "--dimensions: {} is not in 2..={} (conflict needs two dimensions; there are {} marker words)",
+                "--dimensions: {} is not in 2..={most} (conflict needs two dimensions; scenario {} has {most})",
                 self.dimensions,
-                DIMENSIONS.len(),
-                DIMENSIONS.len()
+                self.scenario.name(),
             );
         }
         if self.pairs == 0 || self.eval_pairs == 0 {
@@ -105,7 +188,7 @@ impl SynthSpec {
 
     /// The dimension names of this spec, in order.
     pub fn dimension_names(&self) -> Vec<String> {
-        DIMENSIONS[..self.dimensions]
+        self.scenario.dimension_names()[..self.dimensions]
             .iter()
             .map(|s| s.to_string())
             .collect()
@@ -124,55 +207,6 @@ pub struct SynthPair {
     pub conflict: bool,
 }
 
-/// The score of every dimension of `text`: how often its marker word appears.
-pub fn score(text: &str, dimensions: usize) -> Vec<f64> {
-    MARKERS[..dimensions]
-        .iter()
-        .map(|m| text.split_whitespace().filter(|w| w == m).count() as f64)
-        .collect()
-}
-
-/// Marker counts of the better (by dimension 0) and the worse response.
-fn draw_counts(rng: &mut ChaCha8Rng, k: usize, conflict: bool) -> (Vec<usize>, Vec<usize>) {
-    let mut hi = vec![0; k];
-    let mut lo = vec![0; k];
-    // Dimension 0: strictly more in `hi`, in both kinds.
-    lo[0] = rng.random_range(0..MAX_COUNT);
-    hi[0] = rng.random_range(lo[0] + 1..=MAX_COUNT);
-    let against = conflict.then(|| rng.random_range(1..k));
-    for i in 1..k {
-        if Some(i) == against {
-            // Strictly fewer in `hi`: the conflict.
-            hi[i] = rng.random_range(0..MAX_COUNT);
-            lo[i] = rng.random_range(hi[i] + 1..=MAX_COUNT);
-        } else if conflict {
-            hi[i] = rng.random_range(0..=MAX_COUNT);
-            lo[i] = rng.random_range(0..=MAX_COUNT);
-        } else {
-            // Agree: at least as many in `hi`.
-            lo[i] = rng.random_range(0..=MAX_COUNT);
-            hi[i] = rng.random_range(lo[i]..=MAX_COUNT);
-        }
-    }
-    (hi, lo)
-}
-
-/// A response with the given marker counts, filled up with fillers, in random order. Needs
-/// `sum(counts) <= WORDS_PER_RESPONSE`, which `generate_split` ensures by redrawing.
-fn render(rng: &mut ChaCha8Rng, counts: &[usize]) -> String {
-    let mut words: Vec<&str> = Vec::with_capacity(WORDS_PER_RESPONSE);
-    for (i, &c) in counts.iter().enumerate() {
-        words.extend(std::iter::repeat_n(MARKERS[i], c));
-    }
-    // For k >= 3 the draw can exceed the words (3k markers); the caller redraws those.
-    debug_assert!(words.len() <= WORDS_PER_RESPONSE);
-    while words.len() < WORDS_PER_RESPONSE {
-        words.push(FILLERS[rng.random_range(0..FILLERS.len())]);
-    }
-    words.shuffle(rng);
-    words.join(" ")
-}
-
 /// `n` pairs of `split` ("train" or "eval"), `round(conflict_rate * n)` of them conflicting.
 fn generate_split(spec: &SynthSpec, split: &str, n: usize, stream: u64) -> Vec<SynthPair> {
     let k = spec.dimensions;
@@ -185,31 +219,20 @@ fn generate_split(spec: &SynthSpec, split: &str, n: usize, stream: u64) -> Vec<S
         .into_iter()
         .enumerate()
         .map(|(index, conflict)| {
-            // Redraw until both responses fit in WORDS_PER_RESPONSE words (k >= 3 can exceed
-            // it).
-            let (hi, lo) = loop {
-                let (hi, lo) = draw_counts(&mut rng, k, conflict);
-                let fits = |c: &[usize]| c.iter().sum::<usize>() <= WORDS_PER_RESPONSE;
-                if fits(&hi) && fits(&lo) {
-                    break (hi, lo);
-                }
-            };
-            let better = render(&mut rng, &hi);
-            let worse = render(&mut rng, &lo);
+            let (first, second) = spec.scenario.draw_pair(&mut rng, k, conflict);
             let topic = TOPICS[rng.random_range(0..TOPICS.len())];
             let prompt = format!("Reply {split}-{index} on the {topic}.");
-            let as_scores = |c: &[usize]| c.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-            let (response_a, response_b, scores_a, scores_b) = if rng.random_bool(0.5) {
-                (better, worse, as_scores(&hi), as_scores(&lo))
+            let (response_a, response_b) = if rng.random_bool(0.5) {
+                (first, second)
             } else {
-                (worse, better, as_scores(&lo), as_scores(&hi))
+                (second, first)
             };
             SynthPair {
                 prompt,
+                scores_a: score(spec.scenario, &response_a, k),
+                scores_b: score(spec.scenario, &response_b, k),
                 response_a,
                 response_b,
-                scores_a,
-                scores_b,
                 conflict,
             }
         })
@@ -293,33 +316,4 @@ pub fn write(dir: &Path, spec: &SynthSpec) -> Result<SynthFiles> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scores_are_marker_counts_and_structure_holds() {
-        for k in 2..=4 {
-            let spec = SynthSpec {
-                dimensions: k,
-                pairs: 500,
-                eval_pairs: 10,
-                ..SynthSpec::default()
-            };
-            let (train, _) = generate(&spec).unwrap();
-            for p in &train {
-                assert_eq!(score(&p.response_a, k), p.scores_a);
-                assert_eq!(score(&p.response_b, k), p.scores_b);
-                assert_eq!(p.response_a.split(' ').count(), WORDS_PER_RESPONSE);
-                let d: Vec<f64> = p
-                    .scores_a
-                    .iter()
-                    .zip(&p.scores_b)
-                    .map(|(a, b)| a - b)
-                    .collect();
-                let conflict = d.iter().any(|&x| x > 0.0) && d.iter().any(|&x| x < 0.0);
-                assert_eq!(conflict, p.conflict, "{p:?}");
-                assert!(d[0] != 0.0);
-            }
-        }
-    }
-}
+mod tests;

@@ -37,6 +37,8 @@ fn train_tiny_run(dir: &Path) {
     let s = |p: &str| dir.join(p).to_str().unwrap().to_string();
     succeed(&[
         "synth",
+        "--scenario",
+        "independent",
         "--out",
         &s("synth"),
         "--pairs",

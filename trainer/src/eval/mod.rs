@@ -22,6 +22,7 @@
 //! - `runs`: loading run directories and comparing them;
 //! - `report`: `results.json` and `results.md`; `plot`: the PNG figures.
 
+pub mod curves;
 pub mod margins;
 pub mod metrics;
 pub mod plot;

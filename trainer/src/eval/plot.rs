@@ -27,7 +27,7 @@ const COLOURS: [RGBColor; 8] = [
 const SIZE: (u32, u32) = (720, 480);
 
 /// Registers the embedded font once per process as plotters' `sans-serif`.
-fn register_font() -> Result<()> {
+pub(super) fn register_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())

@@ -84,7 +84,7 @@ pub fn winners(comparison: &Comparison, s: usize) -> Vec<String> {
 
 /// Indices of the settings at the vertices `1_i`, the first occurrence of each: the
 /// per-dimension accuracies of the paper's Table 1.
-fn vertex_settings(comparison: &Comparison) -> Vec<(usize, usize)> {
+pub fn vertex_settings(comparison: &Comparison) -> Vec<(usize, usize)> {
     (0..comparison.dimensions.len())
         .filter_map(|i| {
             comparison
@@ -187,7 +187,7 @@ fn percent(x: Option<f64>) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
-fn weights_text(weights: &[f64]) -> String {
+pub fn weights_text(weights: &[f64]) -> String {
     let parts: Vec<String> = weights.iter().map(|w| format!("{w}")).collect();
     format!("({})", parts.join(", "))
 }

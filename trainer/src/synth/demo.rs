@@ -1,30 +1,79 @@
-//! `modpo-trainer demo`: the main job end to end on the synthetic benchmark, with no download
-//! and on a CPU: generate the data and a tiny model (`synth`), train the curriculum, Panacea
-//! (AdaLoRA, as the paper ran it), Panacea on LoRA and DPO-Soup on it with one shared config (embedded in the binary from
-//! `configs/demo/demo.toml`), then compare the four runs on the held-out conflict pairs
-//! (`eval::evaluate_runs`: tables with bootstrap intervals and the plots).
+//! `modpo-trainer demo`: the main job end to end on synthetic data, with no download and on a
+//! CPU. For each scenario (`synth::Scenario`; default `easy-hard`) and each seed (default
+//! three; a seed changes the data, the tiny model and the adapters' initialisation): generate
+//! the data and a tiny model (`synth`), train the curriculum, Panacea (AdaLoRA, as the paper
+//! ran it), Panacea on LoRA and DPO-Soup with one shared config (embedded in the binary from
+//! `configs/demo/demo.toml`), by default at equal compute (`train.pair_passes`), then compare
+//! the runs on the held-out conflict pairs (`eval::evaluate_runs`: tables with bootstrap
+//! intervals and the plots). Last, the tables across seeds (`summary`): per seed, and the mean
+//! with a t-interval over seeds.
 //!
-//! Layout of the demo directory: `data/` (train.jsonl, eval.jsonl, model/), `configs/` (the
-//! config of each run, as trained), `runs/<method>/` and `eval/`. An existing non-empty
-//! directory is never written into: without `force` the demo refuses, with it the old
-//! directory is renamed aside (`<dir>.old-<UTC time>`) first, so nothing is lost.
+//! Layout of the demo directory: `summary.md` and `summary.json`, and for every scenario and
+//! seed `<scenario>/seed-<seed>/` holding `data/` (train.jsonl, eval.jsonl, model/),
+//! `configs/` (the config of each run, as trained), `runs/<method>/` and `eval/`. An existing
+//! non-empty directory is never written into: without `force` the demo refuses, with it the
+//! old directory is renamed aside (`<dir>.old-<UTC time>`) first, so nothing is lost.
+
+pub mod summary;
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::{SynthFiles, SynthSpec};
+use super::{Scenario, SynthFiles, SynthSpec};
 use crate::config::RunConfig;
 use crate::eval::{self, report::Written, Bootstrap, CompareOptions, Comparison};
 use crate::method::stages;
 use crate::train::{train, Cluster, TrainOptions};
+use summary::AcrossSeeds;
 
 /// The embedded default: `[demo]` (the synthetic data) and the run config of every method.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/demo/demo.toml");
 
 /// The methods, in the order they are trained and reported.
 pub const METHODS: [&str; 4] = ["curriculum", "panacea", "panacea-lora", "dpo-soup"];
+
+/// Which scenarios a demo runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScenarioChoice {
+    One(Scenario),
+    All,
+}
+
+impl FromStr for ScenarioChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(ScenarioChoice::All),
+            name => Ok(ScenarioChoice::One(name.parse().context("or \"all\"")?)),
+        }
+    }
+}
+
+/// How much each method trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compute {
+    /// Every method gets pairs x (k + 1) pair-passes (`train.pair_passes`): one epoch of
+    /// Panacea, the method that spends most per pair.
+    Equal,
+    /// One epoch of every stage (`train.epochs = 1`): the methods spend different compute.
+    Epoch,
+}
+
+impl FromStr for Compute {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "equal" => Ok(Compute::Equal),
+            "epoch" => Ok(Compute::Epoch),
+            other => bail!("unknown compute {other:?}: equal or epoch"),
+        }
+    }
+}
 
 /// How to run the demo.
 #[derive(Debug, Clone, Default)]
@@ -38,14 +87,19 @@ pub struct DemoOptions {
     pub max_steps: Option<usize>,
     /// A config text in the layout of `configs/demo/demo.toml` instead of the embedded one.
     pub config: Option<String>,
+    /// Overrides `[demo] scenario`.
+    pub scenario: Option<ScenarioChoice>,
+    /// Overrides `[demo] seeds`.
+    pub seeds: Option<usize>,
+    /// Overrides `[demo] compute`.
+    pub compute: Option<Compute>,
 }
 
-/// What the demo wrote.
+/// What one seed of one scenario wrote (under `<out>/<scenario>/seed-<seed>/`).
 #[derive(Debug)]
-pub struct DemoOutputs {
-    pub out: PathBuf,
-    /// Where an earlier demo directory was moved, if it was.
-    pub moved_aside: Option<PathBuf>,
+pub struct SeedOutputs {
+    pub seed: u64,
+    pub dir: PathBuf,
     pub synth: SynthFiles,
     pub configs: Vec<PathBuf>,
     pub runs: Vec<PathBuf>,
@@ -57,83 +111,203 @@ pub struct DemoOutputs {
     pub compute: Vec<RunCompute>,
 }
 
+/// A scenario's seeds and their tables across seeds.
+#[derive(Debug)]
+pub struct ScenarioOutputs {
+    pub scenario: Scenario,
+    pub seeds: Vec<SeedOutputs>,
+    pub summary: AcrossSeeds,
+}
+
+/// What the demo wrote.
+#[derive(Debug)]
+pub struct DemoOutputs {
+    pub out: PathBuf,
+    /// Where an earlier demo directory was moved, if it was.
+    pub moved_aside: Option<PathBuf>,
+    pub scenarios: Vec<ScenarioOutputs>,
+    /// `summary.md`: every scenario's tables; `summary.json`: their numbers.
+    pub summary_md: PathBuf,
+    pub summary_json: PathBuf,
+    pub seconds: f64,
+}
+
 /// The compute a run spent: optimizer steps over all its stages, and pair-passes (a forward
 /// and backward of one pair under one `w`: a step of stage s costs global batch x passes(s)).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RunCompute {
     pub method: String,
     pub steps: usize,
     pub pair_passes: usize,
 }
 
-/// `[demo]` of the embedded config.
-fn synth_spec(table: &toml::Table, pairs: Option<usize>) -> Result<SynthSpec> {
-    let demo = table
-        .get("demo")
-        .and_then(|d| d.as_table())
-        .context("the demo config has no [demo] table")?;
-    let int = |key: &str| -> Result<usize> {
-        demo.get(key)
-            .and_then(|v| v.as_integer())
-            .and_then(|v| usize::try_from(v).ok())
-            .with_context(|| format!("demo.{key}: expected a non-negative integer"))
-    };
-    let spec = SynthSpec {
-        dimensions: int("dimensions")?,
-        pairs: pairs.unwrap_or(int("pairs")?),
-        eval_pairs: int("eval_pairs")?,
-        conflict_rate: demo
-            .get("conflict_rate")
-            .and_then(|v| v.as_float())
-            .context("demo.conflict_rate: expected a number")?,
-        seed: int("seed")? as u64,
-    };
-    spec.validate().context("[demo]")?;
-    Ok(spec)
+/// `[demo]` of the config, with the options' overrides.
+#[derive(Debug, Clone)]
+struct DemoSettings {
+    scenarios: Vec<Scenario>,
+    dimensions: usize,
+    pairs: usize,
+    eval_pairs: usize,
+    /// `None`: each scenario's default.
+    conflict_rate: Option<f64>,
+    first_seed: u64,
+    seeds: usize,
+    compute: Compute,
 }
 
-/// The run config of `method` as TOML text: the embedded config less `[demo]`, with the
-/// paths of this demo and the method filled in.
-fn run_config_text(
-    table: &toml::Table,
-    synth: &SynthFiles,
-    method: &str,
-    run_dir: &Path,
+impl DemoSettings {
+    fn new(table: &toml::Table, options: &DemoOptions) -> Result<DemoSettings> {
+        let demo = table
+            .get("demo")
+            .and_then(|d| d.as_table())
+            .context("the demo config has no [demo] table")?;
+        let int = |key: &str| -> Result<usize> {
+            demo.get(key)
+                .and_then(|v| v.as_integer())
+                .and_then(|v| usize::try_from(v).ok())
+                .with_context(|| format!("demo.{key}: expected a non-negative integer"))
+        };
+        let text = |key: &str| -> Result<&str> {
+            demo.get(key)
+                .and_then(|v| v.as_str())
+                .with_context(|| format!("demo.{key}: expected a string"))
+        };
+        let scenario = match options.scenario {
+            Some(choice) => choice,
+            None => text("scenario")?.parse().context("demo.scenario")?,
+        };
+        let conflict_rate = match demo.get("conflict_rate") {
+            None => None,
+            Some(v) => Some(
+                v.as_float()
+                    .context("demo.conflict_rate: expected a number")?,
+            ),
+        };
+        let settings = DemoSettings {
+            scenarios: match scenario {
+                ScenarioChoice::One(s) => vec![s],
+                ScenarioChoice::All => Scenario::ALL.to_vec(),
+            },
+            dimensions: int("dimensions")?,
+            pairs: options.pairs.map_or_else(|| int("pairs"), Ok)?,
+            eval_pairs: int("eval_pairs")?,
+            conflict_rate,
+            first_seed: int("seed")? as u64,
+            seeds: options.seeds.map_or_else(|| int("seeds"), Ok)?,
+            compute: match options.compute {
+                Some(c) => c,
+                None => text("compute")?.parse().context("demo.compute")?,
+            },
+        };
+        if settings.seeds == 0 {
+            bail!("demo.seeds: need at least one seed");
+        }
+        for &scenario in &settings.scenarios {
+            settings
+                .spec(scenario, settings.first_seed)
+                .validate()
+                .context("[demo]")?;
+        }
+        Ok(settings)
+    }
+
+    fn spec(&self, scenario: Scenario, seed: u64) -> SynthSpec {
+        SynthSpec {
+            scenario,
+            dimensions: self.dimensions,
+            pairs: self.pairs,
+            eval_pairs: self.eval_pairs,
+            conflict_rate: self
+                .conflict_rate
+                .unwrap_or(scenario.default_conflict_rate()),
+            seed,
+        }
+    }
+
+    /// The pair-pass budget of every run under [`Compute::Equal`].
+    fn budget(&self) -> Option<usize> {
+        (self.compute == Compute::Equal).then_some(self.pairs * (self.dimensions + 1))
+    }
+
+    /// How the runs' compute was set, for the tables.
+    fn compute_rule(&self, max_steps: Option<usize>) -> String {
+        let rule = match self.budget() {
+            Some(budget) => format!(
+                "equal. Every method gets {budget} pair-passes (pairs x (k + 1): one epoch of \
+                 Panacea, the method that spends most per pair). A stage of s passes per step \
+                 runs round(share / (global batch x s)) steps; the curriculum's stages share \
+                 the budget as one epoch of each would."
+            ),
+            None => "one epoch of every stage; the methods spend different compute.".into(),
+        };
+        match max_steps {
+            Some(m) => format!("{rule} Capped at {m} optimizer steps per stage."),
+            None => rule,
+        }
+    }
+}
+
+/// What one run of the demo trains with, besides the embedded config.
+struct RunSetting<'a> {
+    synth: &'a SynthFiles,
+    method: &'a str,
+    run_dir: &'a Path,
+    seed: u64,
+    pair_passes: Option<usize>,
     max_steps: Option<usize>,
-) -> Result<String> {
+}
+
+/// The run config of one run as TOML text: the embedded config less `[demo]`, with the paths,
+/// method, seed and compute of this run filled in.
+fn run_config_text(table: &toml::Table, run: &RunSetting) -> Result<String> {
     let mut table = table.clone();
     table.remove("demo");
     let path = |p: &Path| toml::Value::String(p.display().to_string());
-    let mut set = |section: &str, key: &str, value: toml::Value| -> Result<()> {
-        table
+    let mut set = |section: &str, key: &str, value: Option<toml::Value>| -> Result<()> {
+        let section = table
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
-            .with_context(|| format!("the demo config has no [{section}] table"))?
-            .insert(key.to_string(), value);
+            .with_context(|| format!("the demo config has no [{section}] table"))?;
+        match value {
+            Some(value) => section.insert(key.to_string(), value),
+            None => section.remove(key),
+        };
         Ok(())
     };
-    set("model", "path", path(&synth.model_dir))?;
-    set("data", "train_file", path(&synth.train_file))?;
-    set("data", "eval_file", path(&synth.eval_file))?;
+    let int = |n: usize| Some(toml::Value::Integer(n as i64));
+    set("model", "path", Some(path(&run.synth.model_dir)))?;
+    set("data", "train_file", Some(path(&run.synth.train_file)))?;
+    set("data", "eval_file", Some(path(&run.synth.eval_file)))?;
+    let dimensions = run
+        .synth
+        .dimensions
+        .iter()
+        .cloned()
+        .map(toml::Value::String);
     set(
         "data",
         "dimensions",
-        toml::Value::Array(
-            synth
-                .dimensions
-                .iter()
-                .map(|d| toml::Value::String(d.clone()))
-                .collect(),
-        ),
+        Some(toml::Value::Array(dimensions.collect())),
     )?;
-    set("method", "name", toml::Value::String(method.to_string()))?;
-    set("train", "output_dir", path(run_dir))?;
-    if let Some(steps) = max_steps {
-        set("train", "max_steps", toml::Value::Integer(steps as i64))?;
+    set("data", "seed", int(run.seed as usize))?;
+    set(
+        "method",
+        "name",
+        Some(toml::Value::String(run.method.to_string())),
+    )?;
+    set("train", "output_dir", Some(path(run.run_dir)))?;
+    set("train", "seed", int(run.seed as usize))?;
+    if let Some(budget) = run.pair_passes {
+        set("train", "epochs", None)?;
+        set("train", "pair_passes", int(budget))?;
+    }
+    if let Some(steps) = run.max_steps {
+        set("train", "max_steps", int(steps))?;
     }
     let body = toml::to_string(&table).context("serialising the demo run config")?;
     Ok(format!(
-        "# Written by `modpo-trainer demo` from its embedded config; method {method}.\n{body}"
+        "# Written by `modpo-trainer demo` from its embedded config; method {}, seed {}.\n{body}",
+        run.method, run.seed
     ))
 }
 
@@ -173,18 +347,79 @@ fn claim_out_dir(out: &Path, force: bool) -> Result<Option<PathBuf>> {
 pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
     let table: toml::Table = toml::from_str(options.config.as_deref().unwrap_or(DEFAULT_CONFIG))
         .context("parsing the demo config")?;
-    let spec = synth_spec(&table, options.pairs)?;
+    let settings = DemoSettings::new(&table, options)?;
     let moved_aside = claim_out_dir(&options.out, options.force)?;
     // Absolute paths, so the written configs work from anywhere.
     let out = std::fs::canonicalize(&options.out)
         .with_context(|| format!("cannot resolve {}", options.out.display()))?;
-    let mut seconds = Vec::new();
-
     let started = Instant::now();
-    let synth = super::write(&out.join("data"), &spec).context("generating the synthetic data")?;
+    let compute_rule = settings.compute_rule(options.max_steps);
+    let mut scenarios = Vec::new();
+    for &scenario in &settings.scenarios {
+        let mut seeds = Vec::new();
+        for seed in (0..settings.seeds as u64).map(|i| settings.first_seed + i) {
+            let dir = out.join(scenario.name()).join(format!("seed-{seed}"));
+            let spec = settings.spec(scenario, seed);
+            let outputs = run_seed(&table, &spec, &dir, settings.budget(), options.max_steps)
+                .with_context(|| format!("scenario {}, seed {seed}", scenario.name()))?;
+            seeds.push(outputs);
+        }
+        let comparisons: Vec<&Comparison> = seeds.iter().map(|s| &s.comparison).collect();
+        let seed_numbers: Vec<u64> = seeds.iter().map(|s| s.seed).collect();
+        let summary = AcrossSeeds::gather(
+            scenario.name(),
+            &seed_numbers,
+            &comparisons,
+            &seeds[0].compute,
+        )?;
+        scenarios.push(ScenarioOutputs {
+            scenario,
+            seeds,
+            summary,
+        });
+    }
+
+    let summaries: Vec<&AcrossSeeds> = scenarios.iter().map(|s| &s.summary).collect();
+    let mut md = String::from(
+        "# Demo: implicit-reward accuracy on held-out conflict pairs, per scenario and seed\n\n",
+    );
+    for summary in &summaries {
+        md.push_str(&summary.markdown(&compute_rule));
+        md.push('\n');
+    }
+    let summary_md = out.join("summary.md");
+    let summary_json = out.join("summary.json");
+    std::fs::write(&summary_md, &md)
+        .with_context(|| format!("cannot write {}", summary_md.display()))?;
+    let json = serde_json::json!({ "compute": compute_rule, "scenarios": summaries });
+    std::fs::write(&summary_json, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("cannot write {}", summary_json.display()))?;
+    Ok(DemoOutputs {
+        out,
+        moved_aside,
+        scenarios,
+        summary_md,
+        summary_json,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// One seed of one scenario into `dir`: the data and tiny model, every method, the evaluation.
+fn run_seed(
+    table: &toml::Table,
+    spec: &SynthSpec,
+    dir: &Path,
+    pair_passes: Option<usize>,
+    max_steps: Option<usize>,
+) -> Result<SeedOutputs> {
+    let mut seconds = Vec::new();
+    let started = Instant::now();
+    let synth = super::write(&dir.join("data"), spec).context("generating the synthetic data")?;
     seconds.push(("synth".to_string(), started.elapsed().as_secs_f64()));
     tracing::info!(
-        "synthetic data: {} train pairs ({} conflict), {} eval pairs ({} conflict), dimensions {}",
+        "{} seed {}: {} train pairs ({} conflict), {} eval pairs ({} conflict), dimensions {}",
+        spec.scenario.name(),
+        spec.seed,
         spec.pairs,
         synth.train_conflicts,
         spec.eval_pairs,
@@ -192,15 +427,23 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
         synth.dimensions.join(", ")
     );
 
-    let config_dir = out.join("configs");
+    let config_dir = dir.join("configs");
     std::fs::create_dir_all(&config_dir)
         .with_context(|| format!("cannot create {}", config_dir.display()))?;
     let mut configs = Vec::new();
     let mut runs = Vec::new();
     let mut compute = Vec::new();
     for method in METHODS {
-        let run_dir = out.join("runs").join(method);
-        let text = run_config_text(&table, &synth, method, &run_dir, options.max_steps)?;
+        let run_dir = dir.join("runs").join(method);
+        let setting = RunSetting {
+            synth: &synth,
+            method,
+            run_dir: &run_dir,
+            seed: spec.seed,
+            pair_passes,
+            max_steps,
+        };
+        let text = run_config_text(table, &setting)?;
         let path = config_dir.join(format!("{method}.toml"));
         std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
         let config = RunConfig::load(&path)?;
@@ -228,11 +471,11 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
         bootstrap: Bootstrap::default(),
     };
     let (comparison, written) =
-        eval::evaluate_runs(&compare, &out.join("eval"), false).context("evaluating the runs")?;
+        eval::evaluate_runs(&compare, &dir.join("eval"), false).context("evaluating the runs")?;
     seconds.push(("eval".to_string(), started.elapsed().as_secs_f64()));
-    Ok(DemoOutputs {
-        out,
-        moved_aside,
+    Ok(SeedOutputs {
+        seed: spec.seed,
+        dir: dir.to_path_buf(),
         synth,
         configs,
         runs,

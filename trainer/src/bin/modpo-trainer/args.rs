@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use clap::Args;
 use modpo_trainer::bench::Preset;
 use modpo_trainer::model::{DeviceChoice, DtypeChoice};
+use modpo_trainer::synth::demo::{Compute, ScenarioChoice};
+use modpo_trainer::synth::Scenario;
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -161,11 +163,31 @@ pub struct EvalArgs {
 }
 
 #[derive(Args)]
+pub struct CurvesArgs {
+    /// A run directory (written by `train`).
+    #[arg(long, value_name = "DIR")]
+    pub run: PathBuf,
+    /// The PNG to write; default `<run>/curves.png`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace an existing PNG.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
 pub struct SynthArgs {
     /// Output directory: train.jsonl, eval.jsonl, model/.
     #[arg(long)]
     pub out: PathBuf,
-    /// k, the number of dimensions (2 to 4).
+    /// How the dimensions relate: independent (disjoint marker words, the first demo's data),
+    /// easy-hard (a salient easy dimension, graded hard ones, 20% conflict, like
+    /// PKU-SafeRLHF), interference (words shared by two dimensions with opposite signs) or
+    /// length-bias (one dimension grows with the response's length). README: "Synthetic
+    /// scenarios".
+    #[arg(long, value_enum, default_value = "easy-hard")]
+    pub scenario: Scenario,
+    /// k, the number of dimensions (2 to 5; independent: 2 to 4).
     #[arg(long, default_value_t = 2)]
     pub dimensions: usize,
     /// Training pairs.
@@ -174,9 +196,9 @@ pub struct SynthArgs {
     /// Held-out pairs.
     #[arg(long, default_value_t = 400)]
     pub eval_pairs: usize,
-    /// Share of conflict pairs.
-    #[arg(long, default_value_t = 0.25)]
-    pub conflict_rate: f64,
+    /// Share of conflict pairs (default: 0.2 for easy-hard, 0.25 for the others).
+    #[arg(long)]
+    pub conflict_rate: Option<f64>,
     /// Seed of the pairs and of the tiny model's weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -199,6 +221,17 @@ pub struct DemoArgs {
     /// A demo config (the layout of configs/demo/demo.toml) instead of the embedded one.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The scenario (independent, easy-hard, interference, length-bias) or "all" instead of
+    /// the embedded easy-hard.
+    #[arg(long)]
+    pub scenario: Option<ScenarioChoice>,
+    /// Seeds per scenario instead of the embedded 3 (each changes data, model and init).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seeds: Option<u64>,
+    /// "equal" (every method the same pair-passes, the embedded default) or "epoch" (one
+    /// epoch per stage).
+    #[arg(long)]
+    pub compute: Option<Compute>,
 }
 
 #[derive(Args)]

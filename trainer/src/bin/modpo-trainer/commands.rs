@@ -163,10 +163,13 @@ pub fn tiny_model(args: &TinyModelArgs) -> Result<()> {
 pub fn synth(args: &SynthArgs) -> Result<()> {
     let out = &args.out;
     let spec = &SynthSpec {
+        scenario: args.scenario,
         dimensions: args.dimensions,
         pairs: args.pairs,
         eval_pairs: args.eval_pairs,
-        conflict_rate: args.conflict_rate,
+        conflict_rate: args
+            .conflict_rate
+            .unwrap_or(args.scenario.default_conflict_rate()),
         seed: args.seed,
     };
     let files = modpo_trainer::synth::write(out, spec)?;
@@ -200,58 +203,38 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         pairs: args.pairs,
         max_steps: args.max_steps,
         config,
+        scenario: args.scenario,
+        seeds: args.seeds.map(|n| n as usize),
+        compute: args.compute,
     };
     let outputs = demo::run(&options)?;
-    let md = std::fs::read_to_string(&outputs.written.results_md)
-        .with_context(|| format!("cannot read {}", outputs.written.results_md.display()))?;
+    let md = std::fs::read_to_string(&outputs.summary_md)
+        .with_context(|| format!("cannot read {}", outputs.summary_md.display()))?;
     println!("{md}");
     if let Some(aside) = &outputs.moved_aside {
         println!("earlier demo moved to  {}", aside.display());
     }
     println!("demo directory         {}", outputs.out.display());
-    println!(
-        "train data             {}",
-        outputs.synth.train_file.display()
-    );
-    println!(
-        "eval data              {}",
-        outputs.synth.eval_file.display()
-    );
-    println!(
-        "model                  {}",
-        outputs.synth.model_dir.display()
-    );
-    for ((config, run), compute) in outputs
-        .configs
-        .iter()
-        .zip(&outputs.runs)
-        .zip(&outputs.compute)
-    {
-        println!(
-            "run                    {} (config {}): {} optimizer steps, {} pair-passes",
-            run.display(),
-            config.display(),
-            compute.steps,
-            compute.pair_passes
-        );
+    for scenario in &outputs.scenarios {
+        for seed in &scenario.seeds {
+            let times: Vec<String> = seed
+                .seconds
+                .iter()
+                .map(|(what, s)| format!("{what} {s:.0} s"))
+                .collect();
+            println!(
+                "{} seed {}: {} (eval tables {}; {})",
+                scenario.scenario.name(),
+                seed.seed,
+                seed.dir.display(),
+                seed.written.results_md.display(),
+                times.join(", ")
+            );
+        }
     }
-    println!(
-        "results (json)         {}",
-        outputs.written.results_json.display()
-    );
-    println!(
-        "results (tables)       {}",
-        outputs.written.results_md.display()
-    );
-    for plot in &outputs.written.plots {
-        println!("plot                   {}", plot.display());
-    }
-    let times: Vec<String> = outputs
-        .seconds
-        .iter()
-        .map(|(what, s)| format!("{what} {s:.0} s"))
-        .collect();
-    println!("wall time              {}", times.join(", "));
+    println!("summary (tables)       {}", outputs.summary_md.display());
+    println!("summary (json)         {}", outputs.summary_json.display());
+    println!("wall time              {:.0} s", outputs.seconds);
     Ok(())
 }
 

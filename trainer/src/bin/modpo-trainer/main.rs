@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand};
 use modpo_launcher::Topology;
 
 use args::{
-    BenchArgs, DemoArgs, EvalArgs, ExportArgs, GenerateArgs, ImportGgufArgs, InfoArgs, SynthArgs,
-    TinyModelArgs, TrainArgs,
+    BenchArgs, CurvesArgs, DemoArgs, EvalArgs, ExportArgs, GenerateArgs, ImportGgufArgs, InfoArgs,
+    SynthArgs, TinyModelArgs, TrainArgs,
 };
 
 #[derive(Parser)]
@@ -51,12 +51,16 @@ enum Command {
     /// paper's weight vectors: results.json, results.md (Tables 1-2) and one PNG per dimension
     /// pair (Figures 2-3). Runs must share the dimensions and the held-out data.
     Eval(EvalArgs),
+    /// Plot a run's training curves from its metrics.jsonl: loss and training accuracy per
+    /// optimizer step over all stages (raw and a 20-step mean), held-out evaluations as points.
+    Curves(CurvesArgs),
     /// Write a seeded synthetic k-dimensional preference benchmark (generic JSONL: most pairs
-    /// agree, a share conflict; dimension i rewards its marker word) and a tiny model for it.
+    /// agree, a share conflict; one of four scenarios of how the dimensions relate) and a tiny
+    /// model for it.
     Synth(SynthArgs),
     /// The main job on an embedded default, on CPU in minutes: synthetic data and a tiny
-    /// model, the curriculum, Panacea and DPO-Soup trained on it, then the evaluation table
-    /// and plots.
+    /// model for each scenario and seed, the curriculum, Panacea and DPO-Soup trained on it at
+    /// equal compute, then the evaluation tables per seed and across seeds, and plots.
     Demo(DemoArgs),
     /// Training-step speed and memory of every stage and method, each optimisation switched
     /// off in turn, and (cpu preset) TRL + PEFT and a plain PyTorch stage-3 loop on the same
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         } => commands::inspect_data(&config),
         Command::Export(args) => run_commands::export(&args),
         Command::Eval(args) => run_commands::eval(args),
+        Command::Curves(args) => run_commands::curves(&args),
         Command::Synth(args) => commands::synth(&args),
         Command::Demo(args) => commands::demo(args),
         Command::Bench(args) => commands::bench(args),

@@ -1,6 +1,7 @@
 //! The subcommands that load a finished run: `export`, `generate --run` and `eval`. All three
 //! go through `saved_run` (config, adapters, the fingerprint check, the chat template), and
-//! the two that take `--weights` check them the same way before any weight is read.
+//! the two that take `--weights` check them the same way before any weight is read. `curves`
+//! reads only the run's `metrics.jsonl`.
 
 use anyhow::{bail, Context, Result};
 use modpo_trainer::export;
@@ -9,7 +10,7 @@ use modpo_trainer::saved_run::{self, SavedRun};
 use modpo_trainer::tokenizer::ChatTokenizer;
 use tch::Kind;
 
-use crate::args::{EvalArgs, ExportArgs, GenerateArgs};
+use crate::args::{CurvesArgs, EvalArgs, ExportArgs, GenerateArgs};
 
 /// Reads the run at `dir` and checks `weights` is a point of the simplex over its dimensions:
 /// the same check, and the same message, for every command that takes `--weights`.
@@ -122,5 +123,23 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         written.plots.len(),
         out.display()
     );
+    Ok(())
+}
+
+pub fn curves(args: &CurvesArgs) -> Result<()> {
+    let metrics = args.run.join("metrics.jsonl");
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.run.join("curves.png"));
+    if out.exists() && !args.force {
+        bail!(
+            "{} already exists: pass --force to replace it, or choose --out",
+            out.display()
+        );
+    }
+    let title = format!("{}: training curves", args.run.display());
+    modpo_trainer::eval::curves::write_curves(&metrics, &title, &out)?;
+    println!("{}", out.display());
     Ok(())
 }
