@@ -139,6 +139,23 @@ pub fn pair_kind(scores_a: &[f64], scores_b: &[f64]) -> Option<bool> {
     (a_better || b_better).then_some(a_better && b_better)
 }
 
+/// Two responses drawn independently by `draw_response`, redrawn together until their pair
+/// has the kind asked for under `score` (a pair that ties on every dimension is never kept).
+fn draw_independent_pair(
+    rng: &mut ChaCha8Rng,
+    k: usize,
+    conflict: bool,
+    draw_response: fn(&mut ChaCha8Rng, usize) -> String,
+    score: fn(&str, usize) -> Vec<f64>,
+) -> (String, String) {
+    loop {
+        let (a, b) = (draw_response(rng, k), draw_response(rng, k));
+        if pair_kind(&score(&a, k), &score(&b, k)) == Some(conflict) {
+            return (a, b);
+        }
+    }
+}
+
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthSpec {

@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{count, pair_kind, FILLERS};
+use super::{count, draw_independent_pair, FILLERS};
 
 pub const DIMENSIONS: [&str; 5] = ["candid", "tactful", "playful", "formal", "terse"];
 /// The word only dimension i rewards.
@@ -70,10 +70,5 @@ fn draw_response(rng: &mut ChaCha8Rng, k: usize) -> String {
 
 /// Two independent responses whose pair has the kind asked for.
 pub fn draw_pair(rng: &mut ChaCha8Rng, k: usize, conflict: bool) -> (String, String) {
-    loop {
-        let (a, b) = (draw_response(rng, k), draw_response(rng, k));
-        if pair_kind(&score(&a, k), &score(&b, k)) == Some(conflict) {
-            return (a, b);
-        }
-    }
+    draw_independent_pair(rng, k, conflict, draw_response, score)
 }

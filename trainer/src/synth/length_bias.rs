@@ -22,7 +22,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{count, pair_kind, FILLERS};
+use super::{count, draw_independent_pair, FILLERS};
 
 pub const DIMENSIONS: [&str; 5] = ["detailed", "polite", "formal", "cheerful", "precise"];
 /// Dimension 0's words; each adds a word to the response.
@@ -61,10 +61,5 @@ fn draw_response(rng: &mut ChaCha8Rng, k: usize) -> String {
 
 /// Two independent responses whose pair has the kind asked for.
 pub fn draw_pair(rng: &mut ChaCha8Rng, k: usize, conflict: bool) -> (String, String) {
-    loop {
-        let (a, b) = (draw_response(rng, k), draw_response(rng, k));
-        if pair_kind(&score(&a, k), &score(&b, k)) == Some(conflict) {
-            return (a, b);
-        }
-    }
+    draw_independent_pair(rng, k, conflict, draw_response, score)
 }
