@@ -148,3 +148,42 @@ fn small_demo_runs_end_to_end_and_never_overwrites() {
     assert!(!md.contains("Mean over"), "{md}");
     assert!(out.join("interference/seed-0/eval/results.json").is_file());
 }
+
+#[test]
+fn bad_demo_settings_are_refused_before_anything_is_written() {
+    let err = "mixed".parse::<ScenarioChoice>().unwrap_err().to_string();
+    assert!(err.contains("easy-hard") && err.contains("or all"), "{err}");
+    assert_eq!(
+        "all".parse::<ScenarioChoice>().unwrap(),
+        ScenarioChoice::All
+    );
+    let err = "fast".parse::<Compute>().unwrap_err().to_string();
+    assert!(err.contains("equal or epoch"), "{err}");
+    let embedded = modpo_trainer::synth::demo::DEFAULT_CONFIG;
+    let tmp = tempfile::tempdir().unwrap();
+    for (config, key) in [
+        (embedded.replace("seeds = 3", "seeds = 0"), "demo.seeds"),
+        (
+            embedded.replace("scenario = \"easy-hard\"", ""),
+            "demo.scenario",
+        ),
+        (
+            embedded.replace("compute = \"equal\"", "compute = \"most\""),
+            "demo.compute",
+        ),
+        (
+            embedded.replace("dimensions = 2", "dimensions = 6"),
+            "--dimensions",
+        ),
+    ] {
+        let out = tmp.path().join("demo");
+        let options = DemoOptions {
+            out: out.clone(),
+            config: Some(config),
+            ..DemoOptions::default()
+        };
+        let err = format!("{:#}", run(&options).unwrap_err());
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(!out.exists(), "{key}: nothing is written");
+    }
+}

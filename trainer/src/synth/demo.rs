@@ -48,7 +48,10 @@ impl FromStr for ScenarioChoice {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "all" => Ok(ScenarioChoice::All),
-            name => Ok(ScenarioChoice::One(name.parse().context("or \"all\"")?)),
+            name => match name.parse() {
+                Ok(scenario) => Ok(ScenarioChoice::One(scenario)),
+                Err(e) => bail!("{e}, or all"),
+            },
         }
     }
 }
