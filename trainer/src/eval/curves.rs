@@ -1,6 +1,6 @@
 //! Training curves from a run's `metrics.jsonl`: the loss and the training accuracy of every
 //! optimizer step against the step count over all stages, each as the raw values (faint) and
-//! a trailing moving average, with the stage boundaries marked and, where the run evaluated
+//! a trailing moving average within each stage, with the stage boundaries marked and, where the run evaluated
 //! during training (`train.eval_every`), the held-out conflict-pair mean accuracy as points.
 
 use std::collections::BTreeMap;
@@ -114,6 +114,21 @@ pub fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
         .collect()
 }
 
+/// [`moving_average`] within each stage: a stage's first steps average only its own steps, as
+/// the stages' losses are on different scales (stage 1 has one DPO term, stage 2 k of them).
+fn smooth_by_stage(values: &[f64], stages: &[usize]) -> Vec<f64> {
+    let mut smooth = Vec::with_capacity(values.len());
+    let mut start = 0;
+    while start < values.len() {
+        let end = (start..values.len())
+            .find(|&i| stages[i] != stages[start])
+            .unwrap_or(values.len());
+        smooth.extend(moving_average(&values[start..end], SMOOTHING));
+        start = end;
+    }
+    smooth
+}
+
 /// Draws `curves.png`-style figure of `metrics` into `out`: loss above, accuracy below.
 pub fn write_curves(metrics: &Path, title: &str, out: &Path) -> Result<()> {
     let (steps, evals) = read_metrics(metrics)?;
@@ -194,6 +209,7 @@ fn draw_loss(
     chart
         .configure_mesh()
         .y_desc("loss")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 14))
         .light_line_style(WHITE.mix(0.0))
@@ -203,7 +219,8 @@ fn draw_loss(
         xs().zip(loss.iter().copied()),
         LOSS_COLOUR.mix(0.25),
     ))?;
-    let smooth = moving_average(&loss, SMOOTHING);
+    let stages: Vec<usize> = steps.iter().map(|p| p.stage).collect();
+    let smooth = smooth_by_stage(&loss, &stages);
     chart
         .draw_series(LineSeries::new(
             xs().zip(smooth),
@@ -234,11 +251,11 @@ fn draw_accuracy(
     starts: &BTreeMap<usize, usize>,
 ) -> DrawResult {
     let total = *x.last().unwrap_or(&1) as f64;
-    let accuracy: Vec<(f64, f64)> = steps
+    let (accuracy, stages): (Vec<(f64, f64)>, Vec<usize>) = steps
         .iter()
         .zip(x)
-        .filter_map(|(p, &x)| p.accuracy.map(|a| (x as f64, 100.0 * a)))
-        .collect();
+        .filter_map(|(p, &x)| p.accuracy.map(|a| ((x as f64, 100.0 * a), p.stage)))
+        .unzip();
     let mut chart = ChartBuilder::on(panel)
         .margin(10)
         .x_label_area_size(40)
@@ -247,6 +264,7 @@ fn draw_accuracy(
     chart
         .configure_mesh()
         .x_desc("optimizer steps, all stages")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("accuracy (%)")
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 14))
@@ -254,7 +272,7 @@ fn draw_accuracy(
         .draw()?;
     chart.draw_series(LineSeries::new(accuracy.clone(), TRAIN_COLOUR.mix(0.25)))?;
     let values: Vec<f64> = accuracy.iter().map(|p| p.1).collect();
-    let smooth = moving_average(&values, SMOOTHING);
+    let smooth = smooth_by_stage(&values, &stages);
     chart
         .draw_series(LineSeries::new(
             accuracy.iter().map(|p| p.0).zip(smooth),
