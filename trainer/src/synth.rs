@@ -33,6 +33,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use crate::data::split::{self, PairKind};
 use crate::model::tiny::{write_tiny_model, TinyModelSpec};
 
 /// Words no dimension rewards.
@@ -131,12 +132,18 @@ fn count(text: &str, word: &str) -> usize {
     text.split_whitespace().filter(|w| *w == word).count()
 }
 
-/// `Some(true)` for a conflict pair (some dimension prefers each response), `Some(false)` for
-/// an agree pair (no dimension disagrees, one prefers), `None` for a tie on every dimension.
-pub fn pair_kind(scores_a: &[f64], scores_b: &[f64]) -> Option<bool> {
-    let a_better = scores_a.iter().zip(scores_b).any(|(a, b)| a > b);
-    let b_better = scores_a.iter().zip(scores_b).any(|(a, b)| a < b);
-    (a_better || b_better).then_some(a_better && b_better)
+/// Agree or conflict as the data reader decides it (`None`: tied on every dimension).
+pub fn pair_kind(scores_a: &[f64], scores_b: &[f64]) -> Option<PairKind> {
+    split::classify(&split::preferences(scores_a, scores_b))
+}
+
+/// The kind of a generated pair.
+fn kind_of(conflict: bool) -> PairKind {
+    if conflict {
+        PairKind::Conflict
+    } else {
+        PairKind::Agree
+    }
 }
 
 /// Two responses drawn independently by `draw_response`, redrawn together until their pair
@@ -150,7 +157,7 @@ fn draw_independent_pair(
 ) -> (String, String) {
     loop {
         let (a, b) = (draw_response(rng, k), draw_response(rng, k));
-        if pair_kind(&score(&a, k), &score(&b, k)) == Some(conflict) {
+        if pair_kind(&score(&a, k), &score(&b, k)) == Some(kind_of(conflict)) {
             return (a, b);
         }
     }

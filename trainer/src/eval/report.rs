@@ -182,7 +182,8 @@ pub fn to_json(comparison: &Comparison) -> serde_json::Value {
     })
 }
 
-fn percent(x: Option<f64>) -> String {
+/// An accuracy in percent to one decimal, `n/a` when there is none.
+pub fn percent(x: Option<f64>) -> String {
     x.map(|v| format!("{:.1}", 100.0 * v))
         .unwrap_or_else(|| "n/a".into())
 }

@@ -38,7 +38,7 @@ fn every_scenario_has_the_asked_conflicts_and_no_all_ties() {
                 assert_eq!(p.scores_a.len(), k);
                 assert_eq!(
                     pair_kind(&p.scores_a, &p.scores_b),
-                    Some(p.conflict),
+                    Some(kind_of(p.conflict)),
                     "{p:?}"
                 );
             }

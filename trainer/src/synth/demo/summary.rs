@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 
 use super::RunCompute;
-use crate::eval::report::{vertex_settings, weights_text};
+use crate::eval::report::{percent, vertex_settings, weights_text};
 use crate::eval::Comparison;
 
 /// t_{0.975, df} for df = 1..=30 (scipy.stats.t.ppf(0.975, df), to 3 decimals); beyond 30 the
@@ -208,11 +208,6 @@ fn table_header(first: Option<&str>, settings: &[String]) -> String {
     names.extend(settings.iter().map(String::as_str));
     names.extend(["mean (all settings)", "win rate"]);
     format!("| {} |\n|{}", names.join(" | "), "---|".repeat(names.len()))
-}
-
-fn percent(x: Option<f64>) -> String {
-    x.map(|v| format!("{:.1}", 100.0 * v))
-        .unwrap_or_else(|| "n/a".into())
 }
 
 /// `mean ± half-width`, both times `scale` (100 for percent, 1 for a rate).
