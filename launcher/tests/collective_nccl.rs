@@ -1,12 +1,13 @@
-//! The NCCL collective on real GPUs. Without a CUDA device these tests print
-//! "skipped: no CUDA device" and return; `tools/gpu_nccl_check.sh` runs the same check on a
-//! GPU machine that has no Rust toolchain.
+//! The NCCL collective on real GPUs. Without a CUDA device these tests skip at run time
+//! (`test_skip::skip`, listed by the test summary); `tools/gpu_nccl_check.sh` runs the same
+//! check on a GPU machine that has no Rust toolchain.
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
+use common::test_skip::skip;
 use common::{library_path_with, mpirun, nccl_link_dir, run_with_deadline, CHECK};
 
 /// NCCL set-up takes seconds; this only keeps a hang from hanging the test.
@@ -22,7 +23,7 @@ fn with_nccl_link(command: &mut Command) {
 #[test]
 fn one_rank_nccl_all_reduce_equals_the_local_gradients() {
     if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+        skip("no CUDA device");
         return;
     }
     let mut command = Command::new(CHECK);
@@ -41,11 +42,11 @@ fn one_rank_nccl_all_reduce_equals_the_local_gradients() {
 #[test]
 fn two_ranks_on_two_gpus_pass_every_check() {
     if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+        skip("no CUDA device");
         return;
     }
     if tch::Cuda::device_count() < 2 {
-        println!("skipped: fewer than 2 CUDA devices");
+        skip("fewer than 2 CUDA devices");
         return;
     }
     let mut command = mpirun(2);
@@ -70,7 +71,7 @@ fn two_ranks_on_two_gpus_pass_every_check() {
 #[test]
 fn without_cuda_nccl_is_refused_with_an_error_not_a_panic() {
     if tch::Cuda::is_available() {
-        println!("skipped: a CUDA device is present (the tests above cover it)");
+        skip("a CUDA device is present (the tests above cover it)");
         return;
     }
     // cudarc panics when libcuda is missing: reaching it would crash the check.

@@ -1,5 +1,6 @@
 //! Running `modpo-collective-check` (alone or under `mpirun`) with a deadline: a collective that
-//! hangs must fail the test, not hang it.
+//! hangs must fail the test, not hang it. And [`test_skip::skip`], a run-time skip the test
+//! summary sees.
 
 #![allow(dead_code)] // each test file uses a part
 
@@ -8,6 +9,9 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "../../../tools/test_skip.rs"]
+pub mod test_skip;
 
 /// The check binary built with these tests.
 pub const CHECK: &str = env!("CARGO_BIN_EXE_modpo-collective-check");
