@@ -211,3 +211,204 @@ fn bad_batch_factors_name_every_factor() {
         "global_batch 6 is not micro_batch x accumulation x world_size = 2 x 2 x 2"
     );
 }
+
+/// The whole message, after the temporary directory: `name:line: ...` exactly.
+fn assert_message(err: &str, expected: &str) {
+    assert!(
+        err.ends_with(&format!("/{expected}")),
+        "expected `.../{expected}`, got: {err}"
+    );
+}
+
+/// A HelpSteer row: `scores` overrides the five scores, 2 by default.
+fn helpsteer_row(response: &str, scores: serde_json::Value) -> String {
+    let mut row = json!({"prompt": "p", "response": response, "helpfulness": 2,
+        "correctness": 2, "coherence": 2, "complexity": 2, "verbosity": 2});
+    for (key, value) in scores.as_object().unwrap() {
+        row[key] = value.clone();
+    }
+    format!("{row}\n")
+}
+
+const HELPSTEER_DIMS: [&str; 5] = [
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
+
+/// HelpSteer scores are integers 0 to 4 (METHOD section 1, the HelpSteer data card): a score
+/// off the scale or between two of its points is refused with the line and the field.
+#[test]
+fn helpsteer_score_off_the_zero_to_four_scale() {
+    let ok = helpsteer_row("a", json!({}));
+    for (value, dims, expected) in [
+        (
+            json!({"helpfulness": 7}),
+            &HELPSTEER_DIMS[..],
+            "hs.jsonl:2: field `helpfulness`: expected an integer score from 0 to 4, got integer 7",
+        ),
+        (
+            json!({"verbosity": -1}),
+            &["verbosity"][..],
+            "hs.jsonl:2: field `verbosity`: expected an integer score from 0 to 4, got integer -1",
+        ),
+        (
+            json!({"coherence": 5}),
+            &["coherence", "helpfulness"][..],
+            "hs.jsonl:2: field `coherence`: expected an integer score from 0 to 4, got integer 5",
+        ),
+        (
+            json!({"correctness": 2.5}),
+            &HELPSTEER_DIMS[..],
+            "hs.jsonl:2: field `correctness`: expected an integer score from 0 to 4, got number 2.5",
+        ),
+        (
+            json!({"complexity": 4.5}),
+            &HELPSTEER_DIMS[..],
+            "hs.jsonl:2: field `complexity`: expected an integer score from 0 to 4, got number 4.5",
+        ),
+    ] {
+        let text = format!("{ok}{}", helpsteer_row("b", value.clone()));
+        let err = read_error(DataFormat::Helpsteer, dims, "hs.jsonl", &text);
+        assert_message(&err, expected);
+    }
+    // A score off the scale in a dimension the config leaves out is not read at all.
+    let text = format!("{ok}{}", helpsteer_row("b", json!({"helpfulness": 7})));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "hs.jsonl", &text);
+    let source = data::read_source(&path, DataFormat::Helpsteer, &dims(&["verbosity"])).unwrap();
+    assert_eq!(source.pairs.len(), 1);
+    // Both ends of the scale, and a whole number written as a float, are points of it.
+    let text = format!(
+        "{}{}",
+        helpsteer_row("a", json!({"helpfulness": 0, "verbosity": 4.0})),
+        helpsteer_row("b", json!({"helpfulness": 4, "verbosity": 0.0}))
+    );
+    let path = write(dir.path(), "edges.jsonl", &text);
+    let source = data::read_source(
+        &path,
+        DataFormat::Helpsteer,
+        &dims(&["helpfulness", "verbosity"]),
+    )
+    .unwrap();
+    assert_eq!(source.pairs[0].scores_a, vec![0.0, 4.0]);
+    assert_eq!(source.pairs[0].scores_b, vec![4.0, 0.0]);
+}
+
+/// JSON has no infinity, but a literal beyond an f64 (`1e999`) stands for one: it is refused
+/// as a non-finite score in its field (and dimension), in every format that reads numbers.
+#[test]
+fn number_beyond_f64_is_a_non_finite_score() {
+    let err = read_error(
+        DataFormat::Helpsteer,
+        &HELPSTEER_DIMS,
+        "hs.jsonl",
+        &format!(
+            "{}{}",
+            helpsteer_row("a", json!({})),
+            helpsteer_row("b", json!({})).replace("\"verbosity\":2", "\"verbosity\":1e999")
+        ),
+    );
+    assert_message(
+        &err,
+        "hs.jsonl:2: field `verbosity`: score inf is not a finite number",
+    );
+
+    let text = format!(
+        "{GENERIC_OK}\n{}\n",
+        GENERIC_OK.replace("[1, 0]", "[1e999, 0]")
+    );
+    let err = read_error(DataFormat::Generic, &["x", "y"], "g.jsonl", &text);
+    assert_message(
+        &err,
+        "g.jsonl:2: field `scores_a`, score of `x`: score inf is not a finite number",
+    );
+    let text = GENERIC_OK.replace("[0, 1]", "[0, -1e400]");
+    let err = read_error(DataFormat::Generic, &["x", "y"], "g.jsonl", &text);
+    assert_message(
+        &err,
+        "g.jsonl:1: field `scores_b`, score of `y`: score -inf is not a finite number",
+    );
+
+    // PKU-SafeRLHF reads its scores from the two choices, which must be 0 or 1.
+    let text = PKU_OK.replace("\"safer_response_id\": 1", "\"safer_response_id\": 1E+999");
+    let err = read_error(
+        DataFormat::PkuSaferlhf,
+        &["helpfulness", "harmlessness"],
+        "pku.jsonl",
+        &text,
+    );
+    assert_message(
+        &err,
+        "pku.jsonl:1: field `safer_response_id`: expected 0 or 1, got number inf",
+    );
+
+    // In a field the format does not read, such a number is no reason to refuse the row.
+    let text = GENERIC_OK.replace("{\"prompt\"", "{\"extra\": 1e999, \"prompt\"");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "g.jsonl", &text);
+    let source = data::read_source(&path, DataFormat::Generic, &dims(&["x", "y"])).unwrap();
+    assert_eq!(source.pairs[0].scores_a, vec![1.0, 0.0]);
+}
+
+/// No format reads numbers from strings: "inf" or "NaN" in quotes is a wrong type, named.
+#[test]
+fn score_written_as_a_string_is_refused() {
+    let text = GENERIC_OK.replace("[0, 1]", "[0, \"NaN\"]");
+    let err = read_error(DataFormat::Generic, &["x", "y"], "g.jsonl", &text);
+    assert_message(
+        &err,
+        "g.jsonl:1: field `scores_b`, score of `y`: expected a number, got string \"NaN\"",
+    );
+    let err = read_error(
+        DataFormat::Helpsteer,
+        &["helpfulness"],
+        "hs.jsonl",
+        &helpsteer_row("a", json!({"helpfulness": "inf"})),
+    );
+    assert_message(
+        &err,
+        "hs.jsonl:1: field `helpfulness`: expected a number, got string \"inf\"",
+    );
+    let text = PKU_OK.replace("\"better_response_id\": 0", "\"better_response_id\": \"1\"");
+    let err = read_error(
+        DataFormat::PkuSaferlhf,
+        &["helpfulness"],
+        "pku.jsonl",
+        &text,
+    );
+    assert_message(
+        &err,
+        "pku.jsonl:1: field `better_response_id`: expected 0 or 1, got string \"1\"",
+    );
+}
+
+/// A generic score vector must hold exactly one score per configured dimension, in any row:
+/// too long, too short, empty, or not a list.
+#[test]
+fn generic_score_vector_of_wrong_length_in_any_row() {
+    for (bad, expected) in [
+        (
+            GENERIC_OK.replace("[1, 0]", "[1]"),
+            "g.jsonl:3: field `scores_a` has 1 scores, expected 2 (one per dimension: x, y)",
+        ),
+        (
+            GENERIC_OK.replace("[1, 0]", "[]"),
+            "g.jsonl:3: field `scores_a` has 0 scores, expected 2 (one per dimension: x, y)",
+        ),
+        (
+            GENERIC_OK.replace("[0, 1]", "[0, 1, 0.5, 2]"),
+            "g.jsonl:3: field `scores_b` has 4 scores, expected 2 (one per dimension: x, y)",
+        ),
+        (
+            GENERIC_OK.replace("[0, 1]", "1"),
+            "g.jsonl:3: field `scores_b`: expected a list of 2 scores, got integer 1",
+        ),
+    ] {
+        let text = format!("{GENERIC_OK}\n\n{bad}\n{GENERIC_OK}\n");
+        let err = read_error(DataFormat::Generic, &["x", "y"], "g.jsonl", &text);
+        assert_message(&err, expected);
+    }
+}

@@ -1,7 +1,8 @@
 //! What can go wrong reading, checking and tokenizing preference data, as one type a caller can
 //! match on: an unreadable file apart from a malformed line, a missing field, a score vector of
-//! the wrong length, a bad `[data]` key. Every message names the file and the line (or row), or
-//! the config key, exactly as the data readers always have.
+//! the wrong length, a score that is not finite or off its scale, a bad `[data]` key. Every
+//! message names the file and the line (or row), or the config key, exactly as the data
+//! readers always have.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -99,7 +100,8 @@ pub enum DataError {
     #[error("{at}: field `{field}` is empty")]
     EmptyText { at: Box<Location>, field: String },
 
-    /// A field of the wrong type or value: `expected` and `got` describe both.
+    /// A field of the wrong type or value (a HelpSteer score off its 0-4 scale, a choice
+    /// other than 0 or 1): `expected` and `got` describe both.
     #[error("{}: expected {expected}, got {got}", field_at(at, field, dimension.as_deref()))]
     WrongType {
         at: Box<Location>,
@@ -109,7 +111,8 @@ pub enum DataError {
         got: String,
     },
 
-    /// A score that is NaN or infinite.
+    /// A score that is NaN or infinite: a Parquet float, or a JSON number beyond an f64
+    /// (`1e999`, which serde_json alone would refuse without naming the field).
     #[error("{}: score {value} is not a finite number", field_at(at, field, dimension.as_deref()))]
     NonFiniteScore {
         at: Box<Location>,

@@ -191,7 +191,7 @@ fn parse_jsonl(path: &Path, kind: FileKind, text: &[u8], columns: &[&str]) -> Re
     let parsed: Vec<Result<Record>> = lines
         .par_iter()
         .map(|&(line, bytes)| {
-            let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            let (value, overflows) = parse_line(bytes).map_err(|e| {
                 // Python's json.dumps writes float('nan') as a bare NaN, which is not JSON.
                 let text = String::from_utf8_lossy(bytes);
                 let hint = if text.contains("NaN") || text.contains("Infinity") {
@@ -208,14 +208,140 @@ fn parse_jsonl(path: &Path, kind: FileKind, text: &[u8], columns: &[&str]) -> Re
                     format!("expected a JSON object, got {got}"),
                 ));
             };
-            let fields = columns
+            let mut fields: Vec<Option<Field>> = columns
                 .iter()
                 .map(|name| object.remove(*name).map(Field::from_json))
                 .collect();
+            for overflow in overflows {
+                overflow.restore(columns, &mut fields);
+            }
             Ok(Record { line, fields })
         })
         .collect();
     parsed.into_iter().collect()
+}
+
+/// One line as JSON. serde_json refuses a number literal beyond the range of an f64
+/// (`1e999`) as "number out of range", without saying which field holds it; such a line is
+/// parsed again with those literals read as null, and each is put back afterwards as the
+/// infinity it stands for, so that the dataset reader names the field and the dimension.
+fn parse_line(bytes: &[u8]) -> Result<(serde_json::Value, Vec<Overflow>), serde_json::Error> {
+    match serde_json::from_slice(bytes) {
+        Ok(value) => Ok((value, Vec::new())),
+        Err(e) if e.to_string().starts_with("number out of range") => {
+            let (text, overflows) = null_overflowing_numbers(bytes);
+            match serde_json::from_slice(&text) {
+                Ok(value) => Ok((value, overflows)),
+                Err(_) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A number literal of a line whose value is beyond an f64 (+-inf), as the value of the
+/// top-level field `key` or as item `index` of the list that is that value.
+#[derive(Debug, Clone, PartialEq)]
+struct Overflow {
+    key: String,
+    index: Option<usize>,
+    value: f64,
+}
+
+impl Overflow {
+    /// Puts the value back in place of the null that stood for it, if `key` is a requested
+    /// column (a literal anywhere else is in a field nobody reads).
+    fn restore(&self, columns: &[&str], fields: &mut [Option<Field>]) {
+        let Some(column) = columns.iter().position(|c| *c == self.key) else {
+            return;
+        };
+        let slot = match (&mut fields[column], self.index) {
+            (Some(field), None) => field,
+            (Some(Field::List(items)), Some(i)) if i < items.len() => &mut items[i],
+            _ => return,
+        };
+        if *slot == Field::Null {
+            *slot = Field::Float(self.value);
+        }
+    }
+}
+
+/// Where a scan of a JSON text is: inside an object (with the key of the value being read,
+/// `None` while a key is expected) or a list (with the index of the item being read).
+enum Frame {
+    Object(Option<String>),
+    List(usize),
+}
+
+/// `text` with every number literal that overflows an f64 replaced by `null`, and where each
+/// was (top-level key, and list index one level below). A lexical scan: strings are copied
+/// untouched, so a digit inside one is never taken for a number.
+fn null_overflowing_numbers(text: &[u8]) -> (Vec<u8>, Vec<Overflow>) {
+    let mut out = Vec::with_capacity(text.len());
+    let mut overflows = Vec::new();
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut i = 0;
+    while i < text.len() {
+        let start = i;
+        match text[i] {
+            b'"' => {
+                i += 1;
+                while i < text.len() && text[i] != b'"' {
+                    i += if text[i] == b'\\' { 2 } else { 1 };
+                }
+                i = (i + 1).min(text.len());
+                if let Some(Frame::Object(key @ None)) = stack.last_mut() {
+                    *key = Some(serde_json::from_slice(&text[start..i]).unwrap_or_default());
+                }
+            }
+            b'{' | b'[' => {
+                stack.push(match text[i] {
+                    b'{' => Frame::Object(None),
+                    _ => Frame::List(0),
+                });
+                i += 1;
+            }
+            b'}' | b']' => {
+                stack.pop();
+                i += 1;
+            }
+            b',' => {
+                match stack.last_mut() {
+                    Some(Frame::Object(key)) => *key = None,
+                    Some(Frame::List(index)) => *index += 1,
+                    None => {}
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                while i < text.len()
+                    && matches!(text[i], b'0'..=b'9' | b'+' | b'-' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let literal = std::str::from_utf8(&text[start..i]).unwrap_or_default();
+                if let Ok(value) = literal.parse::<f64>() {
+                    if value.is_infinite() {
+                        let at = match &stack[..] {
+                            [Frame::Object(Some(key))] => Some((key.clone(), None)),
+                            [Frame::Object(Some(key)), Frame::List(index)] => {
+                                Some((key.clone(), Some(*index)))
+                            }
+                            _ => None,
+                        };
+                        if let Some((key, index)) = at {
+                            overflows.push(Overflow { key, index, value });
+                        }
+                        out.extend_from_slice(b"null");
+                        continue;
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+        out.extend_from_slice(&text[start..i]);
+    }
+    (out, overflows)
 }
 
 /// Reads the requested columns of a Parquet file through Arrow, row by row.
@@ -355,6 +481,38 @@ mod tests {
         std::fs::write(&path, &gz[..gz.len() / 2]).unwrap();
         let err = format!("{:#}", RecordFile::read(&path, &["a"]).unwrap_err());
         assert!(err.contains("x.jsonl.gz") && err.contains("gzip"), "{err}");
+    }
+
+    /// `1e999` is beyond an f64: serde_json refuses the line, the reader reads it as inf in
+    /// its field (or list item), wherever it is, and leaves strings and other numbers alone.
+    #[test]
+    fn overflowing_numbers_become_infinities_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        let text = concat!(
+            r#"{"s": "1e999 \" [", "a": -1e999, "b": [1, 2e400, {"c": 3e999}, 1e-999], "#,
+            r#""other": {"d": 1e999}}"#,
+            "\n",
+            r#"{"a": 1E+999}"#,
+            "\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let file = RecordFile::read(&path, &["s", "a", "b", "other"]).unwrap();
+        assert_eq!(
+            file.records[0].fields,
+            vec![
+                Some(Field::Str("1e999 \" [".into())),
+                Some(Field::Float(f64::NEG_INFINITY)),
+                Some(Field::List(vec![
+                    Field::Int(1),
+                    Field::Float(f64::INFINITY),
+                    Field::Other("an object".into()),
+                    Field::Float(0.0),
+                ])),
+                Some(Field::Other("an object".into())),
+            ]
+        );
+        assert_eq!(file.records[1].fields[1], Some(Field::Float(f64::INFINITY)));
     }
 
     #[test]

@@ -124,8 +124,18 @@ impl Row<'_> {
         }
     }
 
-    fn score(&self, index: usize) -> Result<f64> {
-        self.score_value(index, None, self.field(index)?)
+    /// A score on a fixed integer scale `low..=high` (HelpSteer's 0-4, METHOD section 1): a
+    /// finite number first, then a whole one within the scale. A float column holding `3.0`
+    /// is a whole number; `2.5` or `7` is not a point of the scale.
+    fn scale_score(&self, index: usize, low: i64, high: i64) -> Result<f64> {
+        let field = self.field(index)?;
+        let value = self.score_value(index, None, field)?;
+        if value.fract() == 0.0 && (low as f64..=high as f64).contains(&value) {
+            Ok(value)
+        } else {
+            let expected = format!("an integer score from {low} to {high}");
+            Err(self.wrong_type(index, None, expected, field))
+        }
     }
 
     /// A score vector with one finite number per dimension.
@@ -227,6 +237,10 @@ fn read_pku(path: &Path, dimensions: &[String]) -> Result<(RecordFile, Vec<Prefe
     Ok((file, pairs))
 }
 
+/// The scale of every HelpSteer / HelpSteer2 score: whole numbers 0 to 4 (METHOD section 1;
+/// the data cards of `nvidia/HelpSteer` and `nvidia/HelpSteer2`).
+const HELPSTEER_SCALE: (i64, i64) = (0, 4);
+
 /// HelpSteer / HelpSteer2: one row per response. The responses to one prompt (exact text) are
 /// paired in file order, every pair i < j; prompts in order of first appearance. A prompt with
 /// a single response gives no pair.
@@ -244,7 +258,7 @@ fn read_helpsteer(path: &Path, dimensions: &[String]) -> Result<(RecordFile, Vec
         let prompt = row.text(0)?;
         let text = row.text(1)?;
         let scores = (0..dimensions.len())
-            .map(|d| row.score(2 + d))
+            .map(|d| row.scale_score(2 + d, HELPSTEER_SCALE.0, HELPSTEER_SCALE.1))
             .collect::<Result<Vec<_>>>()?;
         let slot = *index_of.entry(prompt.clone()).or_insert_with(|| {
             prompts.push((prompt, Vec::new()));
@@ -497,6 +511,72 @@ mod tests {
         assert!(
             err.contains("short.parquet: missing column `verbosity`"),
             "{err}"
+        );
+    }
+
+    /// Parquet float columns can hold what JSON cannot (NaN, inf) and HelpSteer scores
+    /// between the points of its 0-4 scale: each is refused with the row and the field.
+    #[test]
+    fn parquet_helpsteer_scores_off_the_scale_or_not_finite() {
+        use arrow_array::{ArrayRef, Float64Array};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hs.parquet");
+        let floats = |v: &[f64]| -> ArrayRef { Arc::new(Float64Array::from(v.to_vec())) };
+        let cases = [
+            (f64::NAN, "score NaN is not a finite number"),
+            (f64::INFINITY, "score inf is not a finite number"),
+            (f64::NEG_INFINITY, "score -inf is not a finite number"),
+            (2.5, "expected an integer score from 0 to 4, got number 2.5"),
+            (
+                4.0000001,
+                "expected an integer score from 0 to 4, got number 4.0000001",
+            ),
+            (
+                -0.5,
+                "expected an integer score from 0 to 4, got number -0.5",
+            ),
+        ];
+        for (bad, message) in cases {
+            write_parquet(
+                &path,
+                vec![
+                    ("prompt", strings(&["p", "p"])),
+                    ("response", strings(&["x", "y"])),
+                    ("helpfulness", floats(&[3.0, 1.0])),
+                    ("verbosity", floats(&[4.0, bad])),
+                ],
+            );
+            let err = read_source(
+                &path,
+                DataFormat::Helpsteer,
+                &dims(&["helpfulness", "verbosity"]),
+            )
+            .unwrap_err()
+            .to_string();
+            let expected = format!("{} row 2: field `verbosity`: {message}", path.display());
+            assert_eq!(err, expected);
+        }
+        let path = dir.path().join("g.parquet");
+        write_parquet(
+            &path,
+            vec![
+                ("prompt", strings(&["p1"])),
+                ("response_a", strings(&["a1"])),
+                ("response_b", strings(&["b1"])),
+                ("scores_a", score_lists(vec![vec![1.0, 0.0]])),
+                ("scores_b", score_lists(vec![vec![0.0, f64::NEG_INFINITY]])),
+            ],
+        );
+        let err = read_source(&path, DataFormat::Generic, &dims(&["x", "y"]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{} row 1: field `scores_b`, score of `y`: score -inf is not a finite number",
+                path.display()
+            )
         );
     }
 
