@@ -20,23 +20,46 @@ use tch::{Kind, Tensor};
 use crate::model::llama::PROJECTIONS;
 use crate::model::CausalLm;
 
-/// Checks `weights` is a point of the simplex over `dimensions`: the right length, each entry
-/// finite and >= 0, summing to 1 (within 1e-6).
-pub fn validate_weights(weights: &[f64], dimensions: &[String]) -> Result<()> {
+/// How far the sum of a weight vector may be from 1 and still be on the simplex: room for
+/// decimal input like `0.1,0.2,0.7`, whose binary sum is not exactly 1.
+pub const WEIGHT_SUM_TOLERANCE: f64 = 1e-6;
+
+/// Checks `weights`, read from `source` (a command-line flag or a config key), is a point of
+/// the simplex over `dimensions`: one entry per dimension, each finite and >= 0, summing to 1
+/// within [`WEIGHT_SUM_TOLERANCE`]. The one check of every weight vector a user gives; the
+/// message names `source`, the vector and the offending entry.
+pub fn validate_weights(weights: &[f64], dimensions: &[String], source: &str) -> Result<()> {
+    let given = weights
+        .iter()
+        .map(|w| w.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     if weights.len() != dimensions.len() {
+        let n = weights.len();
         bail!(
-            "weights have {} values but the run has k = {} dimensions ({})",
-            weights.len(),
+            "{source} {given}: {n} {}, but the run has k = {} dimensions ({})",
+            if n == 1 { "weight" } else { "weights" },
             dimensions.len(),
             dimensions.join(", ")
         );
     }
-    if let Some(bad) = weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
-        bail!("weights must be non-negative numbers, got {bad} in {weights:?}");
+    for (w, dimension) in weights.iter().zip(dimensions) {
+        if !w.is_finite() {
+            bail!("{source} {given}: the weight of `{dimension}` is {w}, not a finite number");
+        }
+        if *w < 0.0 {
+            bail!(
+                "{source} {given}: the weight of `{dimension}` is {w}, but weights must be \
+                 non-negative"
+            );
+        }
     }
     let sum: f64 = weights.iter().sum();
-    if (sum - 1.0).abs() > 1e-6 {
-        bail!("weights {weights:?} are not on the simplex: they sum to {sum}, not 1");
+    if (sum - 1.0).abs() > WEIGHT_SUM_TOLERANCE {
+        bail!(
+            "{source} {given} is not on the simplex: the weights sum to {sum}, not 1 \
+             (tolerance {WEIGHT_SUM_TOLERANCE:e})"
+        );
     }
     Ok(())
 }
@@ -228,21 +251,62 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
+    /// Each refusal, worded as `validate_weights` documents it: the source, the vector as
+    /// given, and the entry or the sum that is wrong.
     #[test]
     fn weights_off_the_simplex_are_refused() {
         let d = dims(&["helpfulness", "harmlessness"]);
-        assert!(validate_weights(&[0.3, 0.7], &d).is_ok());
-        let err = validate_weights(&[0.3, 0.3, 0.4], &d)
+        let check = |w: &[f64]| validate_weights(w, &d, "--weights");
+        assert!(check(&[0.3, 0.7]).is_ok());
+        assert!(check(&[1.0, 0.0]).is_ok());
+        // Within the tolerance of 1e-6, and just outside it.
+        assert!(check(&[0.5, 0.5 + 0.9e-6]).is_ok());
+        assert!(check(&[0.5, 0.5 + 1.1e-6]).is_err());
+        let refused = |w: &[f64]| check(w).unwrap_err().to_string();
+        assert_eq!(
+            refused(&[0.25, 0.25, 0.5]),
+            "--weights 0.25,0.25,0.5: 3 weights, but the run has k = 2 dimensions \
+             (helpfulness, harmlessness)"
+        );
+        assert_eq!(
+            refused(&[1.0]),
+            "--weights 1: 1 weight, but the run has k = 2 dimensions (helpfulness, harmlessness)"
+        );
+        assert_eq!(
+            refused(&[0.5, 0.75]),
+            "--weights 0.5,0.75 is not on the simplex: the weights sum to 1.25, not 1 \
+             (tolerance 1e-6)"
+        );
+        assert_eq!(
+            refused(&[0.25, 0.5]),
+            "--weights 0.25,0.5 is not on the simplex: the weights sum to 0.75, not 1 \
+             (tolerance 1e-6)"
+        );
+        assert_eq!(
+            refused(&[1.5, -0.5]),
+            "--weights 1.5,-0.5: the weight of `harmlessness` is -0.5, but weights must be \
+             non-negative"
+        );
+        assert_eq!(
+            refused(&[f64::NAN, 1.0]),
+            "--weights NaN,1: the weight of `helpfulness` is NaN, not a finite number"
+        );
+        assert_eq!(
+            refused(&[1.0, f64::INFINITY]),
+            "--weights 1,inf: the weight of `harmlessness` is inf, not a finite number"
+        );
+        assert_eq!(
+            refused(&[f64::NEG_INFINITY, 1.0]),
+            "--weights -inf,1: the weight of `helpfulness` is -inf, not a finite number"
+        );
+        // The source is whatever the caller read the vector from.
+        let err = validate_weights(&[0.5, 0.6], &d, "test.w")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("3 values") && err.contains("k = 2"), "{err}");
-        let err = validate_weights(&[0.5, 0.6], &d).unwrap_err().to_string();
         assert!(
-            err.contains("not on the simplex") && err.contains("1.1"),
+            err.starts_with("test.w 0.5,0.6 is not on the simplex"),
             "{err}"
         );
-        let err = validate_weights(&[1.5, -0.5], &d).unwrap_err().to_string();
-        assert!(err.contains("non-negative"), "{err}");
     }
 
     #[test]

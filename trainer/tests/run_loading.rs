@@ -98,20 +98,7 @@ fn a_run_is_loaded_one_way_by_export_generate_and_eval() {
     let line = error_line(&generate("0.3,0.7", "PROBE"));
     assert!(line.contains("the run chat template was used"), "{line}");
 
-    // --weights off the simplex, of the wrong length or not numbers: one message for both.
-    for (weights, message) in [
-        ("0.5,0.6", "not on the simplex"),
-        ("0.2,0.3,0.5", "k = 2"),
-        ("1.2,-0.2", "non-negative"),
-        ("a,b", "not a number"),
-    ] {
-        let (exported, generated) = (
-            error_line(&export(weights)),
-            error_line(&generate(weights, "hi")),
-        );
-        assert!(exported.contains(message), "{weights}: {exported}");
-        assert_eq!(exported, generated, "{weights}");
-    }
+    refuses_weights_off_the_simplex(&export, &generate);
     assert!(!Path::new(never).exists());
 
     // Replace the base model's weights: every command refuses the run with one message.
@@ -167,6 +154,76 @@ fn a_run_is_loaded_one_way_by_export_generate_and_eval() {
         line.contains(&format!("{run} has no final adapters")),
         "{line}"
     );
+}
+
+/// `--weights` off the simplex (the run has k = 2: polite, formal), of the wrong length, not
+/// finite or not numbers: one message for `export` and `generate --run`, naming the flag, the
+/// vector and the entry (or the sum) that is wrong.
+fn refuses_weights_off_the_simplex(
+    export: &dyn Fn(&str) -> Output,
+    generate: &dyn Fn(&str, &str) -> Output,
+) {
+    let simplex = "is not on the simplex: the weights sum to";
+    let finite = "not a finite number";
+    for (weights, message) in [
+        (
+            "0.5,0.75",
+            format!("--weights 0.5,0.75 {simplex} 1.25, not 1 (tolerance 1e-6)"),
+        ),
+        (
+            "0.25,0.5",
+            format!("--weights 0.25,0.5 {simplex} 0.75, not 1 (tolerance 1e-6)"),
+        ),
+        (
+            "0.25,0.25,0.5",
+            "--weights 0.25,0.25,0.5: 3 weights, but the run has k = 2 dimensions \
+             (polite, formal)"
+                .into(),
+        ),
+        (
+            "1",
+            "--weights 1: 1 weight, but the run has k = 2 dimensions (polite, formal)".into(),
+        ),
+        (
+            "1.25,-0.25",
+            "--weights 1.25,-0.25: the weight of `formal` is -0.25, but weights must be \
+             non-negative"
+                .into(),
+        ),
+        (
+            "nan,1",
+            format!("--weights NaN,1: the weight of `polite` is NaN, {finite}"),
+        ),
+        (
+            "0,inf",
+            format!("--weights 0,inf: the weight of `formal` is inf, {finite}"),
+        ),
+        (
+            "-inf,1",
+            format!("--weights -inf,1: the weight of `polite` is -inf, {finite}"),
+        ),
+        // A literal beyond an f64 is read as the infinity it stands for.
+        (
+            "1e999,0",
+            format!("--weights inf,0: the weight of `polite` is inf, {finite}"),
+        ),
+    ] {
+        let (exported, generated) = (
+            error_line(&export(weights)),
+            error_line(&generate(weights, "hi")),
+        );
+        assert_eq!(exported, format!("error: {message}"), "{weights}");
+        assert_eq!(exported, generated, "{weights}");
+    }
+    let (exported, generated) = (
+        error_line(&export("a,b")),
+        error_line(&generate("a,b", "hi")),
+    );
+    assert!(
+        exported.contains("--weights") && exported.contains("weight `a` is not a number"),
+        "{exported}"
+    );
+    assert_eq!(exported, generated);
 }
 
 #[test]

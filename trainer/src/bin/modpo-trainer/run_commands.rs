@@ -3,7 +3,7 @@
 //! the two that take `--weights` check them the same way before any weight is read. `curves`
 //! reads only the run's `metrics.jsonl`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use modpo_trainer::export;
 use modpo_trainer::model::{self, generate::GenerateOptions, Conditioning, DtypeChoice};
 use modpo_trainer::saved_run::{self, SavedRun};
@@ -16,7 +16,7 @@ use crate::args::{CurvesArgs, EvalArgs, ExportArgs, GenerateArgs};
 /// the same check, and the same message, for every command that takes `--weights`.
 fn read_run_for_weights(dir: &std::path::Path, weights: &[f64]) -> Result<SavedRun> {
     let run = saved_run::read_run(dir)?;
-    export::validate_weights(weights, &run.meta.dimensions).context("--weights")?;
+    export::validate_weights(weights, &run.meta.dimensions, "--weights")?;
     Ok(run)
 }
 
