@@ -221,3 +221,97 @@ fn reference_cache_reuses_and_invalidates() {
     let (_, _, from_cache) = run(&config);
     assert!(!from_cache, "data changed: recomputed");
 }
+
+/// The chunked reference cache: chunks hold whole micro-batches of the length-sorted pairs;
+/// shares of two ranks put together equal the whole pass bit for bit; a damaged chunk, one
+/// of another key or one for other pairs is recomputed (and rewritten), never trusted.
+#[test]
+fn reference_cache_chunks_verify_and_shares_add_up() {
+    use reference::{PassPlan, ReferenceCache, Share};
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    write_tiny_model(&model_dir, 3);
+    let tokenizer = ChatTokenizer::from_model_dir(&model_dir, None).unwrap();
+    let loaded = load_model(&model_dir, None, Device::Cpu, Kind::Float).unwrap();
+    let sample: String =
+        std::fs::read_to_string(shared_data_dir().join("pku_saferlhf_sample.jsonl"))
+            .unwrap()
+            .lines()
+            .take(30)
+            .map(|l| format!("{l}\n"))
+            .collect();
+    let train_file = tmp.path().join("train.jsonl");
+    std::fs::write(&train_file, &sample).unwrap();
+    let pairs = data::load(&data_config(&train_file, 96), &tokenizer)
+        .unwrap()
+        .train
+        .pairs;
+    let n = pairs.len();
+    let ids: Vec<usize> = (0..n).collect();
+    // Chunks of 7 pairs round up to 9: three micro-batches of 3.
+    let plan = PassPlan::new(&pairs, &ids, 3, 7);
+    assert!(plan.chunks[..plan.chunks.len() - 1]
+        .iter()
+        .all(|c| c.len() == 9));
+    let mut flat: Vec<usize> = plan.chunks.concat();
+    let lengths: Vec<usize> = flat.iter().map(|&i| pairs[i].seq_len()).collect();
+    assert!(lengths.windows(2).all(|w| w[0] <= w[1]), "sorted by length");
+    flat.sort();
+    assert_eq!(flat, ids, "every pair once");
+
+    let key = reference::cache_key(&loaded.fingerprint, Kind::Float, &pairs);
+    let cache = ReferenceCache::new(&tmp.path().join("cache"), &key);
+    let pass = |cache: Option<&ReferenceCache>, share: Share| {
+        reference::load_or_compute_share(cache, &loaded.model, &pairs, &plan, share, 0, Device::Cpu)
+            .unwrap()
+    };
+    let (whole, report) = pass(Some(&cache), Share::ALL);
+    assert_eq!((report.found, report.computed), (0, plan.chunks.len()));
+    // The same micro-batches as the one-shot computation, so the same bits.
+    assert_eq!(
+        whole,
+        reference::compute(&loaded.model, &pairs, 3, 0, Device::Cpu)
+    );
+    let (even, _) = pass(None, Share { rank: 0, world: 2 });
+    let (odd, _) = pass(None, Share { rank: 1, world: 2 });
+    let added: Vec<f32> = even
+        .response_a
+        .iter()
+        .zip(&odd.response_a)
+        .map(|(a, b)| a + b)
+        .collect();
+    assert_eq!(added, whole.response_a, "each pair from exactly one share");
+
+    let (again, report) = pass(Some(&cache), Share::ALL);
+    assert_eq!((report.found, report.computed), (plan.chunks.len(), 0));
+    assert_eq!(again, whole);
+
+    // A flipped value byte fails the checksum; a chunk copied from another index holds other
+    // pairs; a chunk under another key's directory names its key.
+    let chunk = |dir: &Path, i: usize| dir.join(format!("chunk-{i:06}.safetensors"));
+    let mut bytes = std::fs::read(chunk(cache.dir(), 1)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(chunk(cache.dir(), 1), &bytes).unwrap();
+    std::fs::copy(chunk(cache.dir(), 0), chunk(cache.dir(), 2)).unwrap();
+    let other = ReferenceCache::new(&tmp.path().join("cache"), "another-key");
+    std::fs::create_dir_all(other.dir()).unwrap();
+    std::fs::copy(chunk(cache.dir(), 0), chunk(other.dir(), 0)).unwrap();
+    let (repaired, report) = pass(Some(&cache), Share::ALL);
+    assert_eq!((report.found, report.computed), (plan.chunks.len() - 2, 2));
+    assert_eq!(repaired, whole);
+    let (_, report) = pass(Some(&cache), Share::ALL);
+    assert_eq!(report.computed, 0, "the recomputed chunks were rewritten");
+    let single = PassPlan::new(&pairs, &ids, 3, 9);
+    let (_, report) = reference::load_or_compute_share(
+        Some(&other),
+        &loaded.model,
+        &pairs,
+        &single,
+        Share::ALL,
+        0,
+        Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(report.found, 0, "a chunk of another key is not read");
+}

@@ -96,6 +96,7 @@ fn generic_reader_accepts_every_scenario_whole() {
             global_batch: 8,
             micro_batch: 8,
             accumulation: None,
+            reference_chunk_pairs: None,
         };
         config.validate().unwrap();
         let tokenizer = ChatTokenizer::from_model_dir(&files.model_dir, None).unwrap();

@@ -12,6 +12,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Kind, Tensor};
 
+use crate::crash_point;
 use crate::model::{AdapterKind, AdapterSpec};
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
@@ -228,19 +229,42 @@ pub fn save_adapters(path: &Path, adapters: &VarStore, meta: &AdapterMeta) -> Re
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`:
-/// a reader sees the old file or the new one, never a torn one.
+/// a reader sees the old file or the new one, never a torn one. On failure (a full disk, an
+/// unwritable directory) the temporary file is removed and `path` is as it was.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_then_rename(path, bytes, None)
+}
+
+/// [`write_atomically`], passing the crash point `before_rename` once the temporary file is
+/// complete (see [`crash_point`]).
+pub fn write_atomically_marked(
+    path: &Path,
+    bytes: &[u8],
+    before_rename: &'static str,
+) -> Result<()> {
+    write_then_rename(path, bytes, Some(before_rename))
+}
+
+fn write_then_rename(path: &Path, bytes: &[u8], before_rename: Option<&'static str>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io("write", &tmp))?;
-    rename(&tmp, path)
+    let written = std::fs::File::create(&tmp)
+        .map_err(io("create", &tmp))
+        .and_then(|mut file| {
+            file.write_all(bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(io("write", &tmp))
+        })
+        .inspect(|()| before_rename.into_iter().for_each(crash_point::reached))
+        .and_then(|()| rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Renames `from` to `to`, naming both on failure.
@@ -384,7 +408,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes a checkpoint into `<checkpoints>/<name>`: every file into a temporary directory,
 /// flushed, with a checksum list, then the directory renamed into place and the `latest`
 /// pointer replaced last. A crash at any point leaves the previous checkpoint and pointer
-/// intact.
+/// intact; an error (a full disk, an unwritable directory) also removes the temporary
+/// directory, so nothing partial is left.
 pub fn write_checkpoint(
     checkpoints: &Path,
     adapters: &VarStore,
@@ -393,12 +418,45 @@ pub fn write_checkpoint(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let name = checkpoint_name(state.stage, state.step, state.stage_finished);
-    let tmp = checkpoints.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io("clear", &tmp))?;
+    let tmp = checkpoints.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+    let written = write_checkpoint_files(&tmp, adapters, meta, optimizer_state, state);
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
+    written?;
+    crash_point::reached("checkpoint-files-written");
+    let target = checkpoints.join(&name);
+    if target.exists() {
+        // Only a resumed run rewrites a name, with the same state: replace it.
+        std::fs::remove_dir_all(&target).map_err(io("replace", &target))?;
+    }
+    rename(&tmp, &target).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&tmp);
+    })?;
+    sync_dir(checkpoints)?;
+    crash_point::reached("checkpoint-renamed");
+    write_atomically(&checkpoints.join(LATEST_FILE), name.as_bytes())?;
+    crash_point::reached("checkpoint-written");
+    Ok(target)
+}
+
+/// Prefix of a checkpoint directory being written.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Every file of a checkpoint, flushed, into the directory `tmp`.
+fn write_checkpoint_files(
+    tmp: &Path,
+    adapters: &VarStore,
+    meta: &AdapterMeta,
+    optimizer_state: &[(String, Tensor)],
+    state: &TrainerState,
+) -> Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).map_err(io("clear", tmp))?;
+    }
+    std::fs::create_dir_all(tmp).map_err(io("create", tmp))?;
     save_adapters(&tmp.join(ADAPTERS_FILE), adapters, meta)?;
+    crash_point::reached("checkpoint-adapters-written");
     let optimizer_path = tmp.join(OPTIMIZER_FILE);
     if optimizer_state.is_empty() {
         let empty = safetensors::serialize(Vec::<(String, TensorView)>::new(), None)
@@ -426,16 +484,25 @@ pub fn write_checkpoint(
     let list = tmp.join(CHECKSUMS_FILE);
     let list_json = serde_json::to_string_pretty(&checksums).map_err(serialize(&list))?;
     write_atomically(&list, list_json.as_bytes())?;
-    sync_dir(&tmp)?;
-    let target = checkpoints.join(&name);
-    if target.exists() {
-        // Only a resumed run rewrites a name, with the same state: replace it.
-        std::fs::remove_dir_all(&target).map_err(io("replace", &target))?;
+    sync_dir(tmp)
+}
+
+/// Removes checkpoint directories a killed run left half-written (never trusted: their names
+/// are not checkpoint names). Call before the run writes checkpoints of its own.
+pub fn remove_unfinished_checkpoints(checkpoints: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(checkpoints) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("list", checkpoints)(e)),
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            let path = entry.path();
+            tracing::info!("removing the unfinished checkpoint {}", path.display());
+            std::fs::remove_dir_all(&path).map_err(io("remove", &path))?;
+        }
     }
-    rename(&tmp, &target)?;
-    sync_dir(checkpoints)?;
-    write_atomically(&checkpoints.join(LATEST_FILE), name.as_bytes())?;
-    Ok(target)
+    Ok(())
 }
 
 /// Checks every file of a checkpoint against its checksum and reads its state; the error
@@ -569,87 +636,4 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A checkpoint of one 2x3 adapter in `<dir>/checkpoints`, and its directory.
-    fn write_one(dir: &Path) -> PathBuf {
-        let adapters = VarStore::new(tch::Device::Cpu);
-        let _ = adapters.root().zeros("a", &[2, 3]);
-        let spec = AdapterSpec {
-            kind: AdapterKind::Lora,
-            rank: 1,
-            alpha: 2.0,
-            num_dimensions: 1,
-            shared: true,
-        };
-        let meta = AdapterMeta::new(Path::new("model"), "fp", &["x".to_string()], &spec);
-        let state = TrainerState {
-            version: CHECKPOINT_VERSION,
-            stage: 1,
-            stage_name: "general".into(),
-            step: 3,
-            stage_finished: true,
-            epoch: 0,
-            pairs_into_epoch: 0,
-            optimizer_params: vec![],
-            optimizer_steps: 3,
-            model_fingerprint: "fp".into(),
-            data_fingerprint: "data".into(),
-            dimensions: vec!["x".into()],
-            config: serde_json::json!({}),
-            world_size: 1,
-        };
-        write_checkpoint(&dir.join("checkpoints"), &adapters, &meta, &[], &state).unwrap()
-    }
-
-    #[test]
-    fn a_damaged_checkpoint_is_corrupt_and_an_absent_one_missing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = write_one(tmp.path());
-        assert_eq!(verify_checkpoint(&dir).unwrap().step, 3);
-
-        let adapters = dir.join(ADAPTERS_FILE);
-        let bytes = std::fs::read(&adapters).unwrap();
-        std::fs::write(&adapters, &bytes[..bytes.len() - 1]).unwrap();
-        match verify_checkpoint(&dir) {
-            Err(CheckpointError::Corrupt { path }) => assert_eq!(path, adapters),
-            other => panic!("expected Corrupt, got {other:?}"),
-        }
-
-        let list = dir.join(CHECKSUMS_FILE);
-        let text = std::fs::read_to_string(&list).unwrap();
-        std::fs::write(&list, &text[..text.len() / 2]).unwrap();
-        let err = verify_checkpoint(&dir).unwrap_err();
-        assert!(
-            matches!(&err, CheckpointError::Unparsable { path, expected: "checksum list", .. } if *path == list),
-            "{err:?}"
-        );
-
-        let checkpoints = tmp.path().join("checkpoints");
-        match stage_final_checkpoint(&checkpoints, 2) {
-            Err(CheckpointError::Missing { stage: 2, dir }) => {
-                assert_eq!(dir, checkpoints.join("stage-2-final"))
-            }
-            other => panic!("expected Missing, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn adapters_of_another_shape_are_incompatible() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = write_one(tmp.path());
-        let other = VarStore::new(tch::Device::Cpu);
-        let _ = other.root().zeros("a", &[3, 2]);
-        let err = load_adapters(&dir.join(ADAPTERS_FILE), &other).unwrap_err();
-        assert!(
-            matches!(&err, CheckpointError::Incompatible { .. }),
-            "{err:?}"
-        );
-        assert!(
-            err.to_string()
-                .ends_with("adapters.safetensors: adapter `a` is F32 [2, 3], expected F32 [3, 2]"),
-            "{err}"
-        );
-    }
-}
+mod tests;

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod crash_point;
 pub mod data;
 pub mod eval;
 pub mod export;

@@ -111,27 +111,7 @@ impl RunConfig {
     /// and where the model and data files are (their contents are compared instead, by
     /// fingerprint).
     pub fn result_relevant(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).expect("config serialises");
-        for (section, key) in [
-            ("train", "output_dir"),
-            ("model", "path"),
-            ("data", "train_file"),
-            ("data", "eval_file"),
-            ("train", "checkpoint_every"),
-            ("train", "keep_checkpoints"),
-            ("train", "check_replicas_every"),
-            ("train", "collective"),
-            ("data", "micro_batch"),
-            ("data", "accumulation"),
-            ("data", "cache_dir"),
-            ("model", "device"),
-            ("method", "batch_passes"),
-        ] {
-            if let Some(table) = value.get_mut(section).and_then(|s| s.as_object_mut()) {
-                table.remove(key);
-            }
-        }
-        value
+        result_relevant(serde_json::to_value(self).expect("config serialises"))
     }
 
     /// Checks every section; the error names the key.
@@ -149,6 +129,32 @@ impl RunConfig {
         self.method.validate()?;
         self.train.validate()
     }
+}
+
+/// [`RunConfig::result_relevant`] of a resolved config read back as JSON (a run directory's
+/// `resolved_config.json`).
+pub fn result_relevant(mut value: serde_json::Value) -> serde_json::Value {
+    for (section, key) in [
+        ("train", "output_dir"),
+        ("model", "path"),
+        ("data", "train_file"),
+        ("data", "eval_file"),
+        ("train", "checkpoint_every"),
+        ("train", "keep_checkpoints"),
+        ("train", "check_replicas_every"),
+        ("train", "collective"),
+        ("data", "micro_batch"),
+        ("data", "accumulation"),
+        ("data", "cache_dir"),
+        ("data", "reference_chunk_pairs"),
+        ("model", "device"),
+        ("method", "batch_passes"),
+    ] {
+        if let Some(table) = value.get_mut(section).and_then(|s| s.as_object_mut()) {
+            table.remove(key);
+        }
+    }
+    value
 }
 
 /// The keys whose values differ between two configs, as `section.key: old -> new` lines.

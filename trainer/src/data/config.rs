@@ -91,6 +91,10 @@ pub struct DataConfig {
     /// Micro-batches per optimizer step on one rank; derived from the world size when absent.
     #[serde(default)]
     pub accumulation: Option<usize>,
+    /// Pairs per file of the reference log-prob cache (rounded up to whole micro-batches): a
+    /// run killed during the reference pass loses at most one chunk per rank. Default 256.
+    #[serde(default)]
+    pub reference_chunk_pairs: Option<usize>,
 }
 
 fn default_max_length() -> usize {
@@ -137,6 +141,12 @@ impl DataConfig {
                     ),
                 ));
             }
+        }
+        if self.reference_chunk_pairs == Some(0) {
+            return Err(DataError::config(
+                "reference_chunk_pairs",
+                "must be at least 1",
+            ));
         }
         if self.micro_batch == 0 {
             return Err(DataError::config("micro_batch", "must be at least 1"));

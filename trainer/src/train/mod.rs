@@ -1,7 +1,8 @@
 //! The training loop: every stage of the configured method, top to bottom.
 //!
-//! [`train`] prepares the run directory, loads the run once ([`Run::load`]: model, data,
-//! reference log-probs), finds where to start (fresh or a checkpoint), and runs the stages.
+//! [`train`] prepares the run directory, loads the run once ([`Run::load`]: model, data),
+//! finds where to start (fresh or a checkpoint), gets the reference log-probs
+//! ([`Run::load_reference_logps`]) and runs the stages.
 //! [`run_stage`] is the loop of one stage: take the next global batch, one optimizer step
 //! ([`StepRunner`]: collate, passes, all-reduce, clip, AdamW), then the hooks between steps:
 //! the metrics line, held-out evaluation, the stop signal, the replica check and checkpoints.
@@ -24,6 +25,7 @@ use modpo_launcher::{Collective, Op, Single, Topology};
 
 use crate::checkpoint::{self, ADAPTERS_FILE};
 use crate::config::RunConfig;
+use crate::crash_point;
 use crate::data::BatchPlan;
 use crate::logps::RowLayout;
 use crate::method::{stages, Stage};
@@ -104,10 +106,11 @@ pub fn train(
     cluster: &Cluster,
 ) -> Result<TrainSummary> {
     let run_dir = config.train.output_dir.clone();
-    resume::open_run_dir(config, config_text, &options, cluster)?;
-    let run = Run::load(config, cluster)?;
+    let opened = resume::open_run_dir(config, config_text, &options, cluster)?;
+    let mut run = Run::load(config, cluster)?;
     let plan = stages(config.method.name);
-    let (first_stage, mut position) = resume::starting_point(&run, &options, plan.len())?;
+    let (first_stage, mut position) = resume::starting_point(&run, &options, opened, plan.len())?;
+    run.load_reference_logps()?;
     // Every rank starts from rank 0's adapters (AdaLoRA's kept masks included), fresh or
     // resumed alike, in the same (name) order everywhere.
     let mut named: Vec<_> = run.loaded.adapters.variables().into_iter().collect();
@@ -138,6 +141,7 @@ pub fn train(
     }
     if cluster.is_main() && last_stage == plan.len() {
         checkpoint::save_adapters(&adapters, &run.loaded.adapters, &run.meta)?;
+        crash_point::reached("final-adapters-written");
     }
     cluster.barrier()?;
     Ok(TrainSummary {
@@ -221,6 +225,7 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
         let outcome = runner.step(&run.data.train.pairs, &global, reference, step, lr)?;
         step += 1;
         run.record_step(stage, epoch, step, lr, &outcome, started)?;
+        crash_point::reached("step");
         progress.inc(1);
 
         // Between steps: evaluation, the stop signal, the replica check, checkpoints.

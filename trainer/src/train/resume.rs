@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::Tensor;
 
 use super::run::Run;
 use super::{Cluster, TrainOptions};
-use crate::checkpoint::{self, TrainerState, ADAPTERS_FILE};
+use crate::checkpoint::{self, write_atomically, TrainerState, ADAPTERS_FILE};
 use crate::config::{self, RunConfig};
 use crate::method::Stage;
 use crate::reference;
@@ -28,31 +29,58 @@ pub(super) struct StagePosition {
     optimizer_params: Vec<String>,
 }
 
+/// Whether `train` found a run in its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Opened {
+    /// A new run: its config was just written.
+    New,
+    /// The directory holds a run, checked to be this one in [`starting_point`].
+    Existing,
+}
+
 /// A fresh run gets a new directory with its config (as given and resolved); a resumed one
-/// must find its run there.
+/// finds its run there. `--resume` where there is no run yet (a run killed before it wrote
+/// its config, or a job script that always passes `--resume`) starts a new one;
+/// `--resume-from-stage` needs the run.
 pub(super) fn open_run_dir(
     config: &RunConfig,
     config_text: &str,
     options: &TrainOptions,
     cluster: &Cluster,
-) -> Result<()> {
+) -> Result<Opened> {
     let run_dir = &config.train.output_dir;
-    if options.resume || options.resume_from_stage.is_some() {
-        if !run_dir.join("config.toml").is_file() {
-            bail!("nothing to resume: {} holds no run", run_dir.display());
+    let resuming = options.resume || options.resume_from_stage.is_some();
+    let holds_run = run_dir.join("config.toml").is_file();
+    let opened = match (resuming, holds_run) {
+        (false, _) => Opened::New,
+        (true, true) => Opened::Existing,
+        (true, false) if options.resume_from_stage.is_none() => {
+            tracing::info!("{} holds no run yet: starting a new one", run_dir.display());
+            Opened::New
         }
-    } else if cluster.is_main() {
-        prepare_run_dir(run_dir)?;
-        std::fs::write(run_dir.join("config.toml"), config_text)?;
-        std::fs::write(
-            run_dir.join(RESOLVED_CONFIG_FILE),
-            serde_json::to_string_pretty(config)?,
-        )?;
+        (true, false) => bail!("nothing to resume: {} holds no run", run_dir.display()),
+    };
+    // Every rank has looked before rank 0 writes anything.
+    cluster.barrier()?;
+    if cluster.is_main() {
+        match opened {
+            Opened::New => {
+                prepare_run_dir(run_dir)?;
+                write_atomically(&run_dir.join("config.toml"), config_text.as_bytes())?;
+                let resolved = serde_json::to_string_pretty(config)?;
+                write_atomically(&run_dir.join(RESOLVED_CONFIG_FILE), resolved.as_bytes())?;
+            }
+            Opened::Existing => {
+                checkpoint::remove_unfinished_checkpoints(&checkpoint::checkpoints_dir(run_dir))?
+            }
+        }
     }
-    cluster.barrier()
+    cluster.barrier()?;
+    Ok(opened)
 }
 
-/// The checkpoint `options` ask to resume from, if any.
+/// The checkpoint `options` ask to resume from, if any: `--resume` finding no valid one is not
+/// an error (the run starts from its beginning), `--resume-from-stage` is.
 fn resume_checkpoint(
     options: &TrainOptions,
     checkpoints: &Path,
@@ -62,25 +90,51 @@ fn resume_checkpoint(
             bail!("--resume-from-stage 1 is a fresh start: train into a new output_dir instead")
         }
         (Some(stage), _) => Some(checkpoint::stage_final_checkpoint(checkpoints, stage - 1)?),
-        (None, true) => Some(
-            checkpoint::latest_valid_checkpoint(checkpoints)?
-                .with_context(|| format!("no valid checkpoint in {}", checkpoints.display()))?,
-        ),
+        (None, true) => checkpoint::latest_valid_checkpoint(checkpoints)?,
         (None, false) => None,
     })
 }
 
 /// The first stage to run and, when resuming inside it, the position: stage 1 from the start,
 /// or after the checkpoint `options` name (whose adapters are loaded into the run's model).
+///
+/// A run directory resumed without a valid checkpoint must hold this run (its
+/// [`RunIdentity`], or before that was written its config) and starts from the beginning,
+/// reusing the reference cache. A new or restarted run records its identity first.
 pub(super) fn starting_point(
     run: &Run,
     options: &TrainOptions,
+    opened: Opened,
     stages: usize,
 ) -> Result<(usize, Option<StagePosition>)> {
-    let Some((dir, state)) = resume_checkpoint(options, &run.checkpoints)? else {
+    let found = match opened {
+        Opened::New => None,
+        Opened::Existing => resume_checkpoint(options, &run.checkpoints)?,
+    };
+    let Some((dir, state)) = found else {
+        if opened == Opened::Existing {
+            check_run_dir_holds_this_run(run)?;
+            tracing::info!(
+                "no valid checkpoint in {}: starting the run from its beginning",
+                run.checkpoints.display()
+            );
+            run.write_metrics(&json!({"event": "restarted", "reason": "no valid checkpoint"}))?;
+        }
+        if run.cluster.is_main() {
+            let identity = serde_json::to_string_pretty(&RunIdentity::of(run))?;
+            write_atomically(&identity_path(run), identity.as_bytes())?;
+        }
+        run.cluster.barrier()?;
         return Ok((1, None));
     };
-    check_resumable(run, &state, &dir)?;
+    let problems = RunIdentity::of_checkpoint(&state).differences(&RunIdentity::of(run));
+    if !problems.is_empty() {
+        bail!(
+            "checkpoint {} belongs to a different run:\n  {}",
+            dir.display(),
+            problems.join("\n  ")
+        );
+    }
     checkpoint::load_adapters(&dir.join(ADAPTERS_FILE), &run.loaded.adapters)?;
     let (first_stage, position) = match state.stage_finished {
         true => (state.stage + 1, None),
@@ -115,33 +169,92 @@ fn data_fingerprint(run: &Run) -> String {
     )
 }
 
-/// A checkpoint resumes this run only if it was written for the same model, dimensions and
-/// result-relevant config; the error lists every difference.
-fn check_resumable(run: &Run, state: &TrainerState, dir: &Path) -> Result<()> {
-    let mut problems = Vec::new();
-    if state.model_fingerprint != run.loaded.fingerprint {
-        problems.push(format!(
-            "model: fingerprint {} -> {}",
-            state.model_fingerprint, run.loaded.fingerprint
-        ));
+/// What makes a run this run: the model, the tokenized training data, the dimensions and the
+/// result-relevant config. A checkpoint's state holds it; before the first checkpoint the run
+/// directory's `run_identity.json` does.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct RunIdentity {
+    model_fingerprint: String,
+    data_fingerprint: String,
+    dimensions: Vec<String>,
+    config: serde_json::Value,
+}
+
+const IDENTITY_FILE: &str = "run_identity.json";
+
+fn identity_path(run: &Run) -> PathBuf {
+    run.config.train.output_dir.join(IDENTITY_FILE)
+}
+
+impl RunIdentity {
+    fn of(run: &Run) -> Self {
+        RunIdentity {
+            model_fingerprint: run.loaded.fingerprint.clone(),
+            data_fingerprint: data_fingerprint(run),
+            dimensions: run.data.dimensions.clone(),
+            config: run.config.result_relevant(),
+        }
     }
-    if state.data_fingerprint != data_fingerprint(run) {
-        problems.push("training data: the tokenized pairs differ (data file, tokenizer, template or max_length)".into());
+
+    fn of_checkpoint(state: &TrainerState) -> Self {
+        RunIdentity {
+            model_fingerprint: state.model_fingerprint.clone(),
+            data_fingerprint: state.data_fingerprint.clone(),
+            dimensions: state.dimensions.clone(),
+            config: state.config.clone(),
+        }
     }
-    if state.dimensions != run.data.dimensions {
-        problems.push(format!(
-            "dimensions: {:?} -> {:?}",
-            state.dimensions, run.data.dimensions
-        ));
+
+    /// Every way `now` differs from this recorded run, one line each.
+    fn differences(&self, now: &RunIdentity) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.model_fingerprint != now.model_fingerprint {
+            problems.push(format!(
+                "model: fingerprint {} -> {}",
+                self.model_fingerprint, now.model_fingerprint
+            ));
+        }
+        if self.data_fingerprint != now.data_fingerprint {
+            problems.push("training data: the tokenized pairs differ (data file, tokenizer, template or max_length)".into());
+        }
+        if self.dimensions != now.dimensions {
+            problems.push(format!(
+                "dimensions: {:?} -> {:?}",
+                self.dimensions, now.dimensions
+            ));
+        }
+        problems.extend(config::differences(&self.config, &now.config));
+        problems
     }
-    problems.extend(config::differences(
-        &state.config,
-        &run.config.result_relevant(),
-    ));
+}
+
+/// A run directory without a valid checkpoint resumes only if it holds this run: the same
+/// [`RunIdentity`], or, killed before that was written, the same result-relevant config. The
+/// error lists every difference, as for a checkpoint.
+fn check_run_dir_holds_this_run(run: &Run) -> Result<()> {
+    let run_dir = &run.config.train.output_dir;
+    let now = RunIdentity::of(run);
+    let (file, problems) = match std::fs::read_to_string(identity_path(run)) {
+        Ok(text) => {
+            let recorded: RunIdentity = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a run identity", identity_path(run).display())
+            })?;
+            (IDENTITY_FILE, recorded.differences(&now))
+        }
+        Err(_) => {
+            let path = run_dir.join(RESOLVED_CONFIG_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let saved: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?;
+            let problems = config::differences(&config::result_relevant(saved), &now.config);
+            (RESOLVED_CONFIG_FILE, problems)
+        }
+    };
     if !problems.is_empty() {
         bail!(
-            "checkpoint {} belongs to a different run:\n  {}",
-            dir.display(),
+            "run directory {} belongs to a different run (by its {file}):\n  {}",
+            run_dir.display(),
             problems.join("\n  ")
         );
     }

@@ -17,13 +17,17 @@ use super::records::{evaluate_held_out, metrics_record};
 use super::Cluster;
 use crate::checkpoint::{self, AdapterMeta};
 use crate::config::RunConfig;
+use crate::crash_point;
 use crate::data::{self, PreferenceData};
 use crate::eval;
 use crate::method::Stage;
 use crate::model::{self, LoadedModel};
-use crate::reference::{self, ReferenceLogps};
+use crate::reference::{self, PassPlan, ReferenceCache, ReferenceLogps, Share};
 use crate::step::StepOutcome;
 use crate::tokenizer::ChatTokenizer;
+
+/// The run's metrics file in its directory: one JSON line per step and event.
+const METRICS_FILE: &str = "metrics.jsonl";
 
 /// The run's model, data and reference log-probs, loaded once for every stage.
 pub(super) struct Run<'a> {
@@ -46,8 +50,8 @@ pub(super) struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Loads the tokenizer, data and model (fresh adapters seeded by `train.seed`), and the
-    /// reference log-probs of the training pairs (and of the held-out ones when evaluating).
+    /// Loads the tokenizer, data and model (fresh adapters seeded by `train.seed`); the
+    /// reference log-probs come after, from [`Run::load_reference_logps`].
     pub fn load(config: &'a RunConfig, cluster: &'a Cluster<'a>) -> Result<Self> {
         let stop = stop_on_signals()?;
         let run_dir = &config.train.output_dir;
@@ -58,6 +62,7 @@ impl<'a> Run<'a> {
             config.model.chat_template.as_deref(),
         )?;
         let data = data::load(&config.data, &tokenizer)?;
+        crash_point::reached("data-loaded");
         tracing::info!(
             train_pairs = data.train.pairs.len(),
             agree = data.train.agree().len(),
@@ -67,51 +72,15 @@ impl<'a> Run<'a> {
         let spec = config.method.adapter_spec(data.dimensions.len());
         tch::manual_seed(config.train.seed as i64);
         let loaded = model::load_model(&config.model.path, Some(&spec), device, kind)?;
-        let cache_dir = config
-            .data
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| run_dir.join("cache"));
-        let reference_of = |pairs: &[data::TokenizedPair]| {
-            reference::load_or_compute(
-                &cache_dir,
-                &loaded.fingerprint,
-                &loaded.model,
-                pairs,
-                config.data.micro_batch,
-                tokenizer.pad_token_id(),
-                device,
-            )
-        };
-        // Rank 0 computes (or finds) the reference log-probs and caches them; the other ranks
-        // read that cache after the barrier rather than compute the same numbers again.
-        let main_reference = match cluster.is_main() {
-            true => Some(reference_of(&data.train.pairs)?),
-            false => None,
-        };
-        cluster.barrier()?;
-        let (reference, cached) = match main_reference {
-            Some(found) => found,
-            None => reference_of(&data.train.pairs)?,
-        };
-        tracing::info!(cached, "reference log-probs ready");
-        let evaluation = match cluster.is_main() && config.train.eval_every > 0 {
-            true => {
-                if eval::conflict_pairs(&data.eval).is_empty() {
-                    tracing::warn!(
-                        "train.eval_every is set but the held-out split has no conflict pair"
-                    );
-                }
-                Some(reference_of(&data.eval.pairs)?.0)
-            }
-            false => None,
-        };
         let metrics = match cluster.is_main() {
             true => Some(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(run_dir.join("metrics.jsonl"))?,
+                    .open(run_dir.join(METRICS_FILE))
+                    .with_context(|| {
+                        format!("cannot open {}", run_dir.join(METRICS_FILE).display())
+                    })?,
             ),
             false => None,
         };
@@ -128,19 +97,86 @@ impl<'a> Run<'a> {
             loaded,
             tokenizer,
             data,
-            reference,
+            reference: ReferenceLogps {
+                response_a: vec![],
+                response_b: vec![],
+            },
             metrics,
             meta,
             checkpoints: checkpoint::checkpoints_dir(run_dir),
-            evaluation,
+            evaluation: None,
             stop,
         })
+    }
+
+    /// The reference log-probs of the training pairs, and of the held-out ones on rank 0 when
+    /// evaluating: read from the chunked cache where a chunk verifies, the rest computed with
+    /// every rank taking its share of the chunks (see [`reference`]).
+    pub fn load_reference_logps(&mut self) -> Result<()> {
+        let config = self.config;
+        let cache_dir = config
+            .data
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| config.train.output_dir.join("cache"));
+        let chunk_pairs = config
+            .data
+            .reference_chunk_pairs
+            .unwrap_or(reference::DEFAULT_CHUNK_PAIRS);
+        let pass = |pairs: &[data::TokenizedPair], share: Share| {
+            let key =
+                reference::cache_key(&self.loaded.fingerprint, self.loaded.model.kind(), pairs);
+            let ids: Vec<usize> = (0..pairs.len()).collect();
+            let plan = PassPlan::new(pairs, &ids, config.data.micro_batch, chunk_pairs);
+            reference::load_or_compute_share(
+                Some(&ReferenceCache::new(&cache_dir, &key)),
+                &self.loaded.model,
+                pairs,
+                &plan,
+                share,
+                self.tokenizer.pad_token_id(),
+                self.device,
+            )
+        };
+        let topology = self.cluster.topology;
+        let share = Share {
+            rank: topology.rank,
+            world: topology.world_size,
+        };
+        let (mine, report) = pass(&self.data.train.pairs, share)?;
+        let mut counts = [report.found as f64, report.computed as f64];
+        self.cluster
+            .collective
+            .all_reduce_f64(&mut counts, Op::Sum)
+            .context("adding up the reference chunks")?;
+        self.reference = reference::gather(self.cluster.collective, mine)?;
+        let [found, computed] = counts.map(|c| c as usize);
+        tracing::info!(
+            chunks = report.chunks,
+            found,
+            computed,
+            "reference log-probs ready"
+        );
+        self.write_metrics(&serde_json::json!({"event": "reference", "split": "train",
+            "chunks": report.chunks, "found": found, "computed": computed}))?;
+        if self.cluster.is_main() && config.train.eval_every > 0 {
+            if eval::conflict_pairs(&self.data.eval).is_empty() {
+                tracing::warn!(
+                    "train.eval_every is set but the held-out split has no conflict pair"
+                );
+            }
+            self.evaluation = Some(pass(&self.data.eval.pairs, Share::ALL)?.0);
+        }
+        Ok(())
     }
 
     /// Appends one line to `metrics.jsonl` (rank 0).
     pub fn write_metrics(&self, record: &serde_json::Value) -> Result<()> {
         if let Some(mut metrics) = self.metrics.as_ref() {
-            writeln!(metrics, "{record}")?;
+            writeln!(metrics, "{record}").with_context(|| {
+                let path = self.config.train.output_dir.join(METRICS_FILE);
+                format!("cannot append to {}", path.display())
+            })?;
         }
         Ok(())
     }
