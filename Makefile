@@ -18,7 +18,7 @@ export MODPO_GOLDEN_DIR := $(GOLDEN_DIR)
 CARGO_FLAGS := --release --workspace
 BIN := target/release/modpo-trainer
 
-.PHONY: all setup system-packages venv build golden test demo bench fmt clippy clean help
+.PHONY: all setup system-packages venv build golden test demo bench crash-test fmt clippy clean help
 
 all: build
 
@@ -27,6 +27,7 @@ help:
 	@echo "make test    setup, golden files from transformers, then every test"
 	@echo "make demo    the main job on an embedded default: synthetic data, three methods, eval table"
 	@echo "make bench   speed and memory against TRL + PEFT and a plain PyTorch loop (CPU)"
+	@echo "make crash-test   kill -9 a tiny run at 20 moments, resume, compare with an uninterrupted run"
 	@echo "make fmt / make clippy   formatting and lints"
 
 setup: system-packages venv build
@@ -103,6 +104,14 @@ BENCH_FLAGS ?=
 bench: setup
 	$(BIN) bench --out bench --work target/bench --python $(PYTHON) --scripts bench \
 	  --data ../shared/data/pku_saferlhf_sample.jsonl $(BENCH_FLAGS)
+
+# kill -9 a tiny curriculum run at CRASH_TRIALS moments (random ones and crash points), resume
+# each until done, compare the final adapters byte for byte with an uninterrupted run
+# (tools/crash_test.sh; CRASH_FLAGS="--np 2" kills one rank of mpirun -np 2). About 20 s a trial.
+CRASH_TRIALS ?= 20
+CRASH_FLAGS ?=
+crash-test: setup
+	tools/crash_test.sh --trials $(CRASH_TRIALS) $(CRASH_FLAGS)
 
 fmt:
 	cargo fmt --all

@@ -17,6 +17,12 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
+/// Run-time skips the test summary lists (`tools/test_skip.rs`).
+#[path = "../../../tools/test_skip.rs"]
+mod test_skip;
+#[allow(unused_imports)] // each test file uses a part
+pub use test_skip::skip;
+
 /// How long any wait of these tests may last before the test fails as hung.
 pub const PATIENCE: Duration = Duration::from_secs(600);
 
