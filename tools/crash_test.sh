@@ -9,8 +9,8 @@
 #     uninterrupted run's wall time (with --np 2, of one rank drawn at random; mpirun then
 #     ends the other), or
 #   - a named crash point (MODPO_CRASH_AT, trainer/src/crash_point.rs: the process sends itself
-#     SIGKILL there), drawn at random with a random pass count: random delays almost never
-#     land inside a checkpoint write, these do.
+#     SIGKILL there), each of the 10 in turn, at a random pass (1 to 3) of it: random delays
+#     almost never land inside a checkpoint write or at a stage boundary, these do.
 # Trials alternate between the two. The run then resumes (`train --resume`, never killed,
 # as a requeued SLURM job would) until it writes its final adapters, at most 4 times, and
 # `cmp` compares them with the uninterrupted run's. The table says where each kill landed
@@ -48,7 +48,7 @@ mkdir -p "$WORK"
 RANDOM=$SEED
 POINTS=(data-loaded reference-chunk-tmp-written reference-chunk-written step
         checkpoint-adapters-written checkpoint-files-written checkpoint-renamed
-        checkpoint-written final-adapters-written)
+        checkpoint-written stage-done final-adapters-written)
 
 # Data and model, shared by every run (read only).
 if [ ! -f "$WORK/data/train.jsonl" ]; then
@@ -138,19 +138,35 @@ for trial in $(seq 1 "$TRIALS"); do
       victim=$pid
       how="kill -9 at ${delay}s"
     else
-      ranks=($(pgrep -f "$BIN train --config $dir/run.toml" | grep -v "^$pid$" || true))
-      victim=${ranks[$((RANDOM % ${#ranks[@]}))]:-$pid}
+      # The ranks (not mpirun, whose command line names the binary too); mpirun may still be
+      # starting them.
+      ranks=()
+      for _ in $(seq 100); do
+        ranks=($(pgrep -f "$BIN train --config $dir/run.toml" | grep -v "^$pid$" || true))
+        [ ${#ranks[@]} = 2 ] || ! kill -0 "$pid" 2>/dev/null && break
+        sleep 0.05
+      done
+      victim=${ranks[$((RANDOM % 2))]:-none}
       how="kill -9 one rank at ${delay}s"
     fi
     kill -9 "$victim" 2>/dev/null || how="$how (already done)"
     wait "$pid" 2>/dev/null || true
+    # Nothing of the killed job may outlive it and write beside the resumed one.
+    pkill -9 -f "$BIN train --config $dir/run.toml" 2>/dev/null || true
   else
-    point=${POINTS[$((RANDOM % ${#POINTS[@]}))]}
+    # In turn from a place set by the seed: 20 trials stop at each of the 10 points once.
+    point=${POINTS[$(((SEED + trial / 2) % ${#POINTS[@]}))]}
     nth=$((1 + RANDOM % 3))
     # A process passes these once.
     case "$point" in data-loaded|final-adapters-written) nth=1 ;; esac
     rank_spec=""
-    [ "$NP" = 2 ] && rank_spec="@$((RANDOM % 2))"
+    if [ "$NP" = 2 ]; then
+      # Only rank 0 writes checkpoints and the final adapters.
+      case "$point" in
+        checkpoint-*|final-adapters-written) rank_spec="@0" ;;
+        *) rank_spec="@$((RANDOM % 2))" ;;
+      esac
+    fi
     how="crash point $point:$nth$rank_spec"
     MODPO_CRASH_AT="$point:$nth$rank_spec" start "$dir" "$dir/killed.log"
     wait "$PID" 2>/dev/null || true

@@ -13,13 +13,14 @@
 //! (after an optimizer step, before its checkpoint), `checkpoint-adapters-written` (the
 //! temporary checkpoint directory holds the adapters only), `checkpoint-files-written` (every
 //! file, not yet renamed into place), `checkpoint-renamed` (in place, `latest` not yet
-//! updated), `checkpoint-written`, `final-adapters-written`.
+//! updated), `checkpoint-written`, `stage-done` (a stage's final checkpoint is written, the
+//! next stage has not started), `final-adapters-written`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Every point a run passes; `MODPO_CRASH_AT` must name one of them.
-pub const POINTS: [&str; 9] = [
+pub const POINTS: [&str; 10] = [
     "data-loaded",
     "reference-chunk-tmp-written",
     "reference-chunk-written",
@@ -28,6 +29,7 @@ pub const POINTS: [&str; 9] = [
     "checkpoint-files-written",
     "checkpoint-renamed",
     "checkpoint-written",
+    "stage-done",
     "final-adapters-written",
 ];
 

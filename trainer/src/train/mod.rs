@@ -261,6 +261,7 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
     progress.finish_and_clear();
     write_checkpoint(run, stage, step, true, batches.cursor(), &runner)?;
     tracing::info!(stage = stage.number, steps = step, "stage done");
+    crash_point::reached("stage-done");
     Ok(StageEnd::Finished(step))
 }
 
