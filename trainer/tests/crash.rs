@@ -287,8 +287,12 @@ fn a_full_disk_while_checkpointing_fails_cleanly_and_the_run_resumes_exactly() {
     let log = stderr(&out);
     assert!(!out.status.success());
     assert!(
-        log.contains(&format!("cannot write {}", checkpoints.display()))
-            && log.contains("No space left on device"),
+        log.contains(&format!(
+            "cannot write checkpoint {}/stage-1-step-0000008 (the previous one stays valid): \
+             cannot write {}/.tmp-stage-1-step-0000008-",
+            checkpoints.display(),
+            checkpoints.display()
+        )) && log.contains("No space left on device"),
         "{log}"
     );
     assert_eq!(

@@ -321,7 +321,15 @@ pub(super) fn write_checkpoint(
         &run.meta,
         &moments,
         &state,
-    )?;
+    )
+    .with_context(|| {
+        let name = checkpoint::checkpoint_name(stage.number, step, stage_finished);
+        let target = run.checkpoints.join(name);
+        format!(
+            "cannot write checkpoint {} (the previous one stays valid)",
+            target.display()
+        )
+    })?;
     tracing::info!(checkpoint = %dir.display(), "checkpoint written");
     run.cluster.barrier()
 }
