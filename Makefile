@@ -79,10 +79,10 @@ $(GOLDEN_DIR)/.stamp: $(wildcard tests/golden/*.py) requirements.txt | venv buil
 	touch $@
 
 # The summary names the tests that failed or skipped (tools/summarize_tests.sh), even when
-# cargo test failed.
+# cargo test failed; --no-fail-fast runs every test binary, so it names all of them.
 test: setup golden
 	@mkdir -p target && : > $(SKIP_LOG)
-	status=0; MODPO_SKIP_LOG=$(SKIP_LOG) cargo test $(CARGO_FLAGS) 2>&1 | tee target/test.log \
+	status=0; MODPO_SKIP_LOG=$(SKIP_LOG) cargo test $(CARGO_FLAGS) --no-fail-fast 2>&1 | tee target/test.log \
 	  || status=$$?; \
 	./tools/summarize_tests.sh target/test.log $(SKIP_LOG); \
 	[ $$status = 0 ] || echo "cargo test exited with status $$status: see target/test.log"; \

@@ -48,6 +48,10 @@ pub fn read_metrics(path: &Path) -> Result<(Vec<StepPoint>, Vec<EvalPoint>)> {
         let at = || format!("{}:{}", path.display(), index + 1);
         let record: serde_json::Value =
             serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+        // Events (the reference pass, a resume or restart) are not points of a curve.
+        if record.get("event").is_some() {
+            continue;
+        }
         let int = |key: &str| -> Result<usize> {
             record[key]
                 .as_u64()
@@ -322,13 +326,15 @@ mod tests {
     }
 
     #[test]
-    fn metrics_keep_the_last_line_of_a_step_and_read_evaluations() {
+    fn metrics_keep_the_last_line_of_a_step_read_evaluations_and_skip_events() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.jsonl");
         let dims = r#""dimensions": {"a": {"accuracy": 0.5, "pairs": 4}, "b": {"accuracy": 1.0, "pairs": 4}}"#;
         let text = format!(
-            "{{\"stage\": 1, \"step\": 1, \"loss\": 0.7, {dims}}}\n\
+            "{{\"event\": \"reference\", \"chunks\": 2, \"found\": 0, \"computed\": 2}}\n\
+             {{\"stage\": 1, \"step\": 1, \"loss\": 0.7, {dims}}}\n\
              {{\"stage\": 1, \"step\": 2, \"loss\": 0.6, {dims}}}\n\
+             {{\"event\": \"resumed\", \"checkpoint\": \"c\", \"stage\": 1, \"step\": 1}}\n\
              {{\"stage\": 1, \"step\": 2, \"loss\": 0.5, {dims}}}\n\
              {{\"stage\": 1, \"step\": 2, \"eval\": {{\"mean_accuracy\": 0.8}}}}\n\
              {{\"stage\": 2, \"step\": 1, \"loss\": 0.4, \"dimensions\": {{}}}}\n"
