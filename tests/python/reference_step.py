@@ -9,7 +9,8 @@ Usage: python reference_step.py INPUT.safetensors OUTPUT.safetensors [INPUT OUTP
 
 INPUT metadata `spec` (JSON): model_dir, beta, k, method (curriculum | panacea-lora | panacea |
 dpo-soup), stage (1-3, curriculum only), rank, alpha, adapter_kind (lora | adalora), shared,
-orth_reg_weight. INPUT tensors: `pair{j}.prompt`, `pair{j}.a`, `pair{j}.b` (int64 token ids),
+orth_reg_weight, length_correction (none | per-token | r-dpo), length_alpha. INPUT tensors:
+`pair{j}.prompt`, `pair{j}.a`, `pair{j}.b` (int64 token ids),
 `preferences` int64 [N, k] in {-1, 0, 1}, `weights` f32 [N, k], and for every adapted
 projection `{module}.shared_a` [r, in], `.shared_b` [out, r] (when shared), `.dims_a`
 [k*r, in], `.dims_b` [out, k*r], plus `.shared_e` [r] / `.dims_e` [k*r] for AdaLoRA.
@@ -111,11 +112,20 @@ def pair_ids(tensors):
             for j in range(count)]
 
 
-def margin(model, state, pair, ref_pair, w):
-    """m(w) = u(a; w) - u(b; w), u = log pi(.; w) - log pi_ref."""
+def margin(model, state, pair, ref_pair, w, spec):
+    """m(w) = u(a; w) - u(b; w), u = log pi(.; w) - log pi_ref; with a length correction
+    (lengths in tokens, EOS included): per-token, u(a)/|a| - u(b)/|b|; r-dpo (Park et al.
+    2024: beta m + alpha (|y_w| - |y_l|) inside the sigmoid), m + alpha/beta (|a| - |b|)."""
     prompt, a, b = pair
-    return ((sequence_logp(model, state, prompt, a, w) - ref_pair[0])
-            - (sequence_logp(model, state, prompt, b, w) - ref_pair[1]))
+    u_a = sequence_logp(model, state, prompt, a, w) - ref_pair[0]
+    u_b = sequence_logp(model, state, prompt, b, w) - ref_pair[1]
+    correction = spec.get("length_correction", "none")
+    if correction == "per-token":
+        return u_a / len(a) - u_b / len(b)
+    if correction == "r-dpo":
+        return u_a - u_b + spec["length_alpha"] / spec["beta"] * (len(a) - len(b))
+    assert correction == "none", correction
+    return u_a - u_b
 
 
 def dpo_terms(pref, margins, beta):
@@ -151,7 +161,7 @@ def step_loss(spec, tensors, model, state, leaves, dtype):
                 for p, a, b in pairs]
 
     def margins(w_of_pair):
-        return torch.stack([margin(model, state, pairs[j], refs[j], w_of_pair(j))
+        return torch.stack([margin(model, state, pairs[j], refs[j], w_of_pair(j), spec)
                             for j in range(n)])
 
     if method == "curriculum" and stage == 1:

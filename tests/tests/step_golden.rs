@@ -1,4 +1,5 @@
-//! One optimizer step of every stage of every method against an implementation that is not
+//! One optimizer step of every stage of every method (and of the length corrections) against
+//! an implementation that is not
 //! ours: `tests/python/reference_step.py`, plain PyTorch on the `transformers` model with its
 //! own adapter modules, computing the loss of METHOD.md sections 3-5 pair by pair. For a tiny
 //! model with random non-zero adapters, the first global batch of each stage's pool (PKU-SafeRLHF
@@ -16,7 +17,9 @@ use modpo_tests::{shared_data_dir, write_tiny_model};
 use modpo_trainer::config::RunConfig;
 use modpo_trainer::data::{self, BatchPlan, PreferenceData, TokenizedPair};
 use modpo_trainer::logps::RowLayout;
-use modpo_trainer::method::{stages, MethodConfig, MethodName, Stage, WeightSampling};
+use modpo_trainer::method::{
+    stages, LengthCorrectionName, MethodConfig, MethodName, Stage, WeightSampling,
+};
 use modpo_trainer::model::{load_model, AdapterKind, LoadedModel};
 use modpo_trainer::reference;
 use modpo_trainer::step::{ReferenceSource, StepRunner, StepSettings};
@@ -85,6 +88,7 @@ fn settings(method: &MethodConfig) -> StepSettings {
         seed: SEED,
         weight_sampling: method.weight_sampling,
         adalora: method.adalora(10),
+        length_correction: method.length_correction(),
     }
 }
 
@@ -203,10 +207,12 @@ fn prepare(tmp: &Path, data: &PreferenceData, method: &MethodConfig, stage: &Sta
         "rank": spec.rank, "alpha": spec.alpha, "shared": spec.shared,
         "adapter_kind": if spec.kind == AdapterKind::AdaLora { "adalora" } else { "lora" },
         "orth_reg_weight": method.adalora(10).map_or(0.0, |a| a.orth_reg_weight),
+        "length_correction": serde_json::to_value(method.length_correction).unwrap(),
+        "length_alpha": method.length_alpha.unwrap_or(0.0),
     });
     let what = format!(
-        "{:?} stage {} ({:?})",
-        method.name, stage.number, method.weight_sampling
+        "{:?} stage {} ({:?}, length {:?})",
+        method.name, stage.number, method.weight_sampling, method.length_correction
     );
     let name = what.replace([' ', '(', ')'], "_");
     let input = tmp.join(format!("{name}.in.safetensors"));
@@ -284,12 +290,30 @@ fn methods() -> Vec<MethodConfig> {
         weight_sampling: WeightSampling::PerStep,
         ..MethodConfig::new(MethodName::Curriculum)
     };
+    // The length corrections: the curriculum's three stages (DPO, per-dimension DPO, the
+    // teacher and student of the KL) and Panacea's linear scalarisation.
+    let corrected = |name, correction, alpha| MethodConfig {
+        length_correction: correction,
+        length_alpha: alpha,
+        ..MethodConfig::new(name)
+    };
     vec![
         MethodConfig::new(MethodName::Curriculum),
         per_step,
         MethodConfig::new(MethodName::PanaceaLora),
         MethodConfig::new(MethodName::Panacea),
         MethodConfig::new(MethodName::DpoSoup),
+        corrected(MethodName::Curriculum, LengthCorrectionName::PerToken, None),
+        corrected(
+            MethodName::Curriculum,
+            LengthCorrectionName::RDpo,
+            Some(0.05),
+        ),
+        corrected(
+            MethodName::PanaceaLora,
+            LengthCorrectionName::RDpo,
+            Some(0.05),
+        ),
     ]
 }
 

@@ -9,6 +9,65 @@
 
 use tch::Tensor;
 
+/// How response length enters the margin `m` of every loss of a run: the DPO losses, linear
+/// scalarisation, and both sides of the stage-3 KL (the teacher's per-dimension margins
+/// `Delta_i` and the student's margin at `w`). Lengths count response tokens, EOS included.
+///
+/// The paper's stage-3 teacher `sigma(beta sum_i w_i Delta_i)` inherits whatever length bias
+/// the implicit rewards carry; these options change what the rewards are.
+///
+/// Set by `[method] length_correction` ("none", "per-token", "r-dpo") and `length_alpha`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum LengthCorrection {
+    /// `m = u(y_a) - u(y_b)`: sums of token log-ratios, as in the paper.
+    #[default]
+    None,
+    /// Per-token means, as length-normalised DPO and SimPO use:
+    /// `m = u(y_a) / |y_a| - u(y_b) / |y_b|`.
+    ///
+    /// Every loss sees mean log-ratios, about `1 / |y|` the size of the sums, so beta must
+    /// grow accordingly (SimPO uses beta around 2). In stage 3 the KL is 0 where
+    /// `m(w) = sum_i w_i Delta_i` on this per-token scale: the teacher no longer rewards a
+    /// response for being longer.
+    PerToken,
+    /// R-DPO (Park et al. 2024, "Disentangling Length from Quality in DPO"): the DPO logit of
+    /// the winner `y_w` over the loser `y_l` is `beta (u(y_w) - u(y_l)) + alpha (|y_w| - |y_l|)`.
+    /// In the signed form of [`dpo`] (winner a when s = +1, b when s = -1) that is
+    /// `s (beta m + alpha (|y_a| - |y_b|))`, so the margin the losses see is
+    ///
+    /// `m' = m + (alpha / beta) (|y_a| - |y_b|)`.
+    ///
+    /// A longer winner already has part of its logit from length, so the loss stops pushing
+    /// its log-ratio earlier: the learned implicit reward carries less length. The gradient
+    /// with respect to `m` is unchanged in form: `dL/dm = -beta s sigma(-beta s m')`.
+    ///
+    /// In stage 3 the term appears on both sides and cancels at the KL's minimum: with
+    /// `sum_i w_i = 1`, `t = beta sum_i w_i Delta_i + alpha L` and `z = beta m(w) + alpha L`
+    /// (`L = |y_a| - |y_b|`), so `z = t` where `m(w) = sum_i w_i Delta_i`. The correction
+    /// reaches the teacher through the `Delta_i`, which stages 2 and 3 train with R-DPO.
+    RDpo { alpha: f64 },
+}
+
+impl LengthCorrection {
+    /// The margin the losses see, from the implicit rewards `u(y_a)`, `u(y_b)` and the
+    /// response lengths (in tokens, as floats).
+    ///
+    /// u_a, u_b, length_a, length_b: [B] -> [B]
+    pub fn margin(
+        self,
+        u_a: &Tensor,
+        u_b: &Tensor,
+        (length_a, length_b): (&Tensor, &Tensor),
+        beta: f64,
+    ) -> Tensor {
+        match self {
+            LengthCorrection::None => u_a - u_b,
+            LengthCorrection::PerToken => u_a / length_a - u_b / length_b,
+            LengthCorrection::RDpo { alpha } => u_a - u_b + (length_a - length_b) * (alpha / beta),
+        }
+    }
+}
+
 /// Per-dimension DPO (sigmoid loss), one row per pair:
 ///
 /// `L = -log sigma(beta * s * m)`, 0 where `s = 0`.
@@ -190,6 +249,66 @@ mod tests {
         check_gradient(|m| linear_scalarisation(m, &prefs, &weights, 0.7), &margins);
         let teacher = t(&[0.4, -1.2, 0.0, 2.0, 0.1]);
         check_gradient(|z| bernoulli_kl(&teacher, z), &margins);
+    }
+
+    /// Hand derivation: u_a = 2, u_b = 1, |y_a| = 4, |y_b| = 2, beta = 0.5, alpha = 0.1.
+    /// - none: m = 1
+    /// - per-token: 2/4 - 1/2 = 0
+    /// - r-dpo: 1 + (0.1 / 0.5)(4 - 2) = 1.4. As R-DPO writes it with a the winner:
+    ///   beta (u_w - u_l) + alpha (|y_w| - |y_l|) = 0.5 + 0.2 = 0.7 = beta m', so
+    ///   L = ln(1 + e^-0.7) = 0.4031860488854579; with b the winner the logit is
+    ///   0.5 (1 - 2) + 0.1 (2 - 4) = -0.7 and L = ln(1 + e^0.7) = 1.103186048885458.
+    #[test]
+    fn length_corrected_margins_and_the_r_dpo_loss() {
+        let (u_a, u_b) = (t(&[2.0]), t(&[1.0]));
+        let lengths = (t(&[4.0]), t(&[2.0]));
+        let margin =
+            |c: LengthCorrection| values(&c.margin(&u_a, &u_b, (&lengths.0, &lengths.1), 0.5))[0];
+        assert_eq!(margin(LengthCorrection::None), 1.0);
+        assert_eq!(margin(LengthCorrection::PerToken), 0.0);
+        let r_dpo = LengthCorrection::RDpo { alpha: 0.1 };
+        assert!(close(margin(r_dpo), 1.4, 1e-12));
+        let m = r_dpo.margin(&u_a, &u_b, (&lengths.0, &lengths.1), 0.5);
+        let losses = values(&dpo(&m.repeat([2]), &t(&[1.0, -1.0]), 0.5));
+        assert!(close(losses[0], 0.4031860488854579, 1e-12), "{losses:?}");
+        assert!(close(losses[1], 1.103186048885458, 1e-12), "{losses:?}");
+        // `none` is the plain difference, bit for bit: today's margins.
+        let (a, b) = (t(&[-3.25, 0.1, 7.0]), t(&[-1.5, 0.3, 2.0]));
+        let (la, lb) = (t(&[3.0, 5.0, 9.0]), t(&[4.0, 1.0, 2.0]));
+        assert!(LengthCorrection::None
+            .margin(&a, &b, (&la, &lb), 0.1)
+            .equal(&(&a - &b)));
+    }
+
+    /// Every correction's gradient through DPO and through the stage-3 KL (the student's
+    /// margin at w; the teacher from detached unit margins) against finite differences, with
+    /// respect to u(y_a) and u(y_b).
+    #[test]
+    fn length_corrected_gradients_match_finite_differences() {
+        let (la, lb) = (t(&[3.0, 5.0, 9.0, 2.0]), t(&[4.0, 1.0, 2.0, 2.0]));
+        let prefs = t(&[1.0, -1.0, 1.0, 0.0]);
+        let teacher = t(&[0.4, -1.2, 0.0, 2.0]);
+        let u_b = t(&[-0.5, 0.25, 1.0, -2.0]);
+        let u_a = [1.3, -0.7, 0.0, 4.0];
+        for c in [
+            LengthCorrection::None,
+            LengthCorrection::PerToken,
+            LengthCorrection::RDpo { alpha: 0.05 },
+        ] {
+            let beta = 0.3;
+            check_gradient(
+                |a| dpo(&c.margin(a, &u_b, (&la, &lb), beta), &prefs, beta),
+                &u_a,
+            );
+            check_gradient(
+                |b| dpo(&c.margin(&t(&u_a), b, (&la, &lb), beta), &prefs, beta),
+                &[-0.5, 0.25, 1.0, -2.0],
+            );
+            check_gradient(
+                |a| bernoulli_kl(&teacher, &(c.margin(a, &u_b, (&la, &lb), beta) * beta)),
+                &u_a,
+            );
+        }
     }
 
     /// dL/dz = sigma(z) - p, and the teacher receives no gradient.

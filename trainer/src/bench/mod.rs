@@ -135,6 +135,7 @@ fn step_settings(v: &Variant) -> StepSettings {
         seed: 0,
         weight_sampling: WeightSampling::PerRow,
         adalora: None,
+        length_correction: crate::loss::LengthCorrection::None,
     }
 }
 

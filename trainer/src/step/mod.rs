@@ -14,6 +14,7 @@ use modpo_launcher::{Collective, Op};
 
 use crate::data::{collate, BatchPlan, MicroBatch, TokenizedPair};
 use crate::logps::{sequence_logps, BatchTensors, RowLayout};
+use crate::loss::LengthCorrection;
 use crate::method::{AdaLoraTraining, Stage, WeightSampling};
 use crate::model::{CausalLm, Conditioning};
 use crate::optim::AdamW;
@@ -45,6 +46,8 @@ pub struct StepSettings {
     pub weight_sampling: WeightSampling,
     /// AdaLoRA adapters' orthogonality penalty and rank allocation (panacea).
     pub adalora: Option<AdaLoraTraining>,
+    /// How response length enters every loss's margin.
+    pub length_correction: LengthCorrection,
 }
 
 /// Where the reference log-probs of a micro-batch come from.
@@ -216,6 +219,7 @@ impl<'a> StepRunner<'a> {
             batch_passes: self.settings.batch_passes,
             recompute_activations: self.settings.recompute_activations,
             split_responses: self.settings.split_responses,
+            length_correction: self.settings.length_correction,
             k,
         };
         let mut stats = StepStats::new(k, device);
@@ -239,6 +243,7 @@ impl<'a> StepRunner<'a> {
                 drawn_weights: drawn
                     .as_ref()
                     .map(|w| micro_weights(w, global, &batch, k, device)),
+                lengths: response_lengths(&micro_pairs, device),
             };
             accumulate(&context, &inputs, &norms, &mut stats);
         }
@@ -313,6 +318,19 @@ impl<'a> StepRunner<'a> {
             adalora: None,
         })
     }
+}
+
+/// `(|y_a|, |y_b|)` of a micro-batch's pairs, in tokens (EOS included), in the order
+/// [`collate`] keeps them: [B] f32 each.
+fn response_lengths(pairs: &[&TokenizedPair], device: Device) -> (Tensor, Tensor) {
+    let lengths = |of: fn(&TokenizedPair) -> usize| {
+        let values: Vec<f32> = pairs.iter().map(|p| of(p) as f32).collect();
+        Tensor::from_slice(&values).to_device(device)
+    };
+    (
+        lengths(|p| p.response_a_ids.len()),
+        lengths(|p| p.response_b_ids.len()),
+    )
 }
 
 /// The drawn weights of a micro-batch's rows, looked up by each pair's position in the global

@@ -59,6 +59,8 @@ pub struct MicroInputs<'a> {
     pub preferences: Tensor,
     /// [B, k] drawn weights of the last pass, for plans that draw.
     pub drawn_weights: Option<Tensor>,
+    /// Response lengths in tokens `(|y_a|, |y_b|)`: [B] f32 each.
+    pub lengths: (Tensor, Tensor),
 }
 
 /// Per-step statistics, summed over micro-batches (then over ranks): one f64 tensor
@@ -90,6 +92,8 @@ pub struct StepContext<'a> {
     /// Responses a and b in separate forwards instead of one: never faster, kept so the
     /// benchmark can measure what the joint forward saves.
     pub split_responses: bool,
+    /// How response length enters every loss's margin.
+    pub length_correction: loss::LengthCorrection,
     pub k: usize,
 }
 
@@ -112,11 +116,6 @@ impl PassRewards {
             a: logp_a - reference.0,
             b: logp_b - reference.1,
         }
-    }
-
-    /// u(y_a; w) - u(y_b; w): [B]
-    fn margin(&self) -> Tensor {
-        &self.a - &self.b
     }
 
     fn detach(&self) -> PassRewards {
@@ -198,10 +197,19 @@ struct MicroLosses<'a> {
 }
 
 impl MicroLosses<'_> {
+    /// The margin of a pass as every loss sees it: `u(y_a; w) - u(y_b; w)`, or its
+    /// length-corrected form ([`loss::LengthCorrection`]): [B]
+    fn margin(&self, pass: &PassRewards) -> Tensor {
+        let (length_a, length_b) = &self.inputs.lengths;
+        self.ctx
+            .length_correction
+            .margin(&pass.a, &pass.b, (length_a, length_b), self.ctx.beta)
+    }
+
     /// L_DPO,i of pass i at w = 1_i, this rank's share of the global batch's mean.
     fn dimension(&self, i: usize, pass: &PassRewards) -> Tensor {
         let preference = self.inputs.preferences.select(1, i as i64);
-        loss::dpo(&pass.margin(), &preference, self.ctx.beta).sum(Kind::Float)
+        loss::dpo(&self.margin(pass), &preference, self.ctx.beta).sum(Kind::Float)
             * (self.norms.world_size / self.norms.preferred[i])
     }
 
@@ -212,7 +220,7 @@ impl MicroLosses<'_> {
             .preferences
             .sum_dim_intlist(1, false, Kind::Int64)
             .sign();
-        loss::dpo(&pass.margin(), &shared, self.ctx.beta).sum(Kind::Float)
+        loss::dpo(&self.margin(pass), &shared, self.ctx.beta).sum(Kind::Float)
             * (self.norms.world_size / self.norms.pairs)
     }
 
@@ -224,9 +232,9 @@ impl MicroLosses<'_> {
             .drawn_weights
             .as_ref()
             .expect("this plan draws weights");
-        let unit_margins: Vec<Tensor> = unit.iter().map(PassRewards::margin).collect();
+        let unit_margins: Vec<Tensor> = unit.iter().map(|u| self.margin(u)).collect();
         let rows = plan.per_row(
-            &drawn.margin(),
+            &self.margin(drawn),
             &unit_margins,
             &self.inputs.preferences,
             w,

@@ -74,6 +74,7 @@ fn gradients(
         batch_passes: execution.batched,
         recompute_activations: execution.recompute,
         split_responses: execution.split,
+        length_correction: crate::loss::LengthCorrection::None,
         k: 2,
     };
     let mut stats = StepStats::new(2, Device::Cpu);
@@ -184,6 +185,7 @@ fn every_step_execution_gives_the_same_gradients() {
             reference_b,
             preferences,
             drawn_weights: Some(drawn),
+            lengths: super::response_lengths(&data.train.select(&ids), Device::Cpu),
         }
     };
     let (per_response_inputs, shared_inputs) = (inputs_of(&per_response), inputs_of(&shared));

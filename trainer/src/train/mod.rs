@@ -167,6 +167,7 @@ fn step_settings(config: &RunConfig, total_steps: usize) -> StepSettings {
         seed: t.seed,
         weight_sampling: config.method.weight_sampling,
         adalora: config.method.adalora(total_steps),
+        length_correction: config.method.length_correction(),
     }
 }
 
