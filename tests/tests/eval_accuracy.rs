@@ -130,7 +130,8 @@ fn set_adapters(loaded: &LoadedModel, seed: i64) {
     });
 }
 
-/// Margins at `w` through the merged model, pair by pair (no padding, no replication).
+/// Margins at `w` through the merged model, pair by pair (no padding, no replication):
+/// `beta (u_a - u_b)`, and with per-token rewards `beta (u_a / |y_a| - u_b / |y_b|)`.
 fn merged_margins(
     loaded: &LoadedModel,
     model_dir: &Path,
@@ -138,7 +139,7 @@ fn merged_margins(
     w: &[f64],
     data: &PreferenceData,
     pad: u32,
-) -> Vec<f64> {
+) -> (Vec<f64>, Vec<f64>) {
     export::write_merged_model(&loaded.model, &loaded.base, w, model_dir, out).unwrap();
     let merged = load_model(out, None, Device::Cpu, Kind::Float).unwrap();
     let policy = reference::compute(&merged.model, &data.eval.pairs, 1, pad, Device::Cpu);
@@ -148,9 +149,11 @@ fn merged_margins(
         .map(|p| {
             let u_a = f64::from(policy.response_a[p.id]) - f64::from(base.response_a[p.id]);
             let u_b = f64::from(policy.response_b[p.id]) - f64::from(base.response_b[p.id]);
-            BETA * (u_a - u_b)
+            let (length_a, length_b) =
+                (p.response_a_ids.len() as f64, p.response_b_ids.len() as f64);
+            (BETA * (u_a - u_b), BETA * (u_a / length_a - u_b / length_b))
         })
-        .collect()
+        .unzip()
 }
 
 fn hand_built_case(shared: bool) {
@@ -195,7 +198,7 @@ fn hand_built_case(shared: bool) {
         &pairs,
         &reference,
         &settings,
-        BETA,
+        eval::ImplicitReward::summed(BETA),
         &wide,
         &bootstrap,
     );
@@ -204,15 +207,35 @@ fn hand_built_case(shared: bool) {
         &pairs,
         &reference,
         &settings,
-        BETA,
+        eval::ImplicitReward::summed(BETA),
         &narrow,
+        &bootstrap,
+    );
+
+    let per_token = eval::evaluate(
+        &loaded.model,
+        &pairs,
+        &reference,
+        &settings,
+        eval::ImplicitReward {
+            beta: BETA,
+            per_token: true,
+        },
+        &wide,
         &bootstrap,
     );
 
     let expected_counted = [5, 4, 2, 5, 5];
     for (s, setting) in settings.iter().enumerate() {
         let out = tmp.path().join(format!("merged-{s}"));
-        let expected = merged_margins(&loaded, &model_dir, &out, &setting.weights, &data, pad);
+        let (expected, expected_per_token) =
+            merged_margins(&loaded, &model_dir, &out, &setting.weights, &data, pad);
+        for (got, want) in per_token.margins[s].iter().zip(&expected_per_token) {
+            assert!(
+                (got - want).abs() <= 1e-5 + 1e-4 * want.abs(),
+                "per-token margin {got}, merged model {want}"
+            );
+        }
         for (p, (&got, &want)) in evaluation.margins[s].iter().zip(&expected).enumerate() {
             assert!(
                 want.abs() > 1e-3,
@@ -311,7 +334,7 @@ fn zero_margins_predict_b() {
         &pairs,
         &reference,
         &settings,
-        BETA,
+        eval::ImplicitReward::summed(BETA),
         &batching,
         &Bootstrap::default(),
     );

@@ -11,8 +11,38 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{collate, TokenizedPair};
 use crate::logps::{sequence_logps, BatchTensors};
+use crate::loss::LengthCorrection;
+use crate::method::MethodConfig;
 use crate::model::{CausalLm, Conditioning};
 use crate::reference::ReferenceLogps;
+
+/// The implicit reward an evaluation ranks pairs by: `beta` times the log-ratio `u`, summed
+/// over the response's tokens or, for a run trained with `length_correction = "per-token"`,
+/// averaged over them (that run's reward). R-DPO's length term is a prior added to the
+/// training logit, not part of the reward: such runs are ranked by the summed `u`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImplicitReward {
+    pub beta: f64,
+    pub per_token: bool,
+}
+
+impl ImplicitReward {
+    /// The paper's reward `beta u` with summed log-ratios.
+    pub fn summed(beta: f64) -> Self {
+        ImplicitReward {
+            beta,
+            per_token: false,
+        }
+    }
+
+    /// The reward of a run trained with `method`.
+    pub fn of(method: &MethodConfig) -> Self {
+        ImplicitReward {
+            beta: method.beta,
+            per_token: method.length_correction() == LengthCorrection::PerToken,
+        }
+    }
+}
 
 /// How the forwards of an evaluation are cut.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,7 +83,7 @@ pub fn implicit_margins(
     pairs: &[&TokenizedPair],
     reference: &ReferenceLogps,
     weights: &[Vec<f64>],
-    beta: f64,
+    reward: ImplicitReward,
     batching: &Batching,
 ) -> Vec<Vec<f64>> {
     let _no_grad = tch::no_grad_guard();
@@ -76,6 +106,17 @@ pub fn implicit_margins(
         let tensors = BatchTensors::new(&batch, device);
         let b = tensors.pairs;
         let (reference_a, reference_b) = reference.gather(&batch.pair_ids, device); // [B] each
+                                                                                    // Per-token rewards divide each response's log-ratio by its length: [1, B] each.
+        let lengths = |of: fn(&TokenizedPair) -> usize| {
+            let values: Vec<f32> = selected.iter().map(|p| of(p) as f32).collect();
+            Tensor::from_slice(&values).to_device(device).unsqueeze(0)
+        };
+        let per_token = reward.per_token.then(|| {
+            (
+                lengths(|p| p.response_a_ids.len()),
+                lengths(|p| p.response_b_ids.len()),
+            )
+        });
         let per_forward = (batching.rows_per_forward / chunk.len()).max(1);
         for (group_index, group) in weights.chunks(per_forward).enumerate() {
             let copies = group.len() as i64;
@@ -91,7 +132,11 @@ pub fn implicit_margins(
             let (logp_a, logp_b) = sequence_logps(model, &replicated, Conditioning::Weighted(&w)); // [copies B]
             let u_a = logp_a.view([copies, b]) - reference_a.unsqueeze(0); // [copies, B]
             let u_b = logp_b.view([copies, b]) - reference_b.unsqueeze(0);
-            let m = ((u_a - u_b) * beta)
+            let difference = match &per_token {
+                None => u_a - u_b,
+                Some((length_a, length_b)) => u_a / length_a - u_b / length_b,
+            };
+            let m = (difference * reward.beta)
                 .to_kind(Kind::Double)
                 .to_device(Device::Cpu)
                 .reshape([-1]);

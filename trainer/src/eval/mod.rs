@@ -23,6 +23,7 @@
 //! - `report`: `results.json` and `results.md`; `plot`: the PNG figures.
 
 pub mod curves;
+pub mod length;
 pub mod margins;
 pub mod metrics;
 pub mod plot;
@@ -36,7 +37,8 @@ use crate::data::{SplitData, TokenizedPair};
 use crate::model::CausalLm;
 use crate::reference::ReferenceLogps;
 
-pub use margins::{implicit_margins, Batching};
+pub use length::LengthView;
+pub use margins::{implicit_margins, Batching, ImplicitReward};
 pub use metrics::{Accuracy, Bootstrap, MethodSummary};
 pub use runs::{compare, CompareOptions, Comparison};
 
@@ -108,12 +110,13 @@ pub fn conflict_pairs(split: &SplitData) -> Vec<&TokenizedPair> {
     split.pairs.iter().filter(|p| p.is_conflict()).collect()
 }
 
-/// A setting's accuracy for one model.
+/// A setting's accuracy for one model, and its length-controlled view.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SettingResult {
     pub setting: Setting,
     #[serde(flatten)]
     pub accuracy: Accuracy,
+    pub length: LengthView,
 }
 
 /// What one model gets right at every setting, with the per-pair outcomes kept for the
@@ -136,12 +139,13 @@ pub fn evaluate(
     pairs: &[&TokenizedPair],
     reference: &ReferenceLogps,
     settings: &[Setting],
-    beta: f64,
+    reward: ImplicitReward,
     batching: &Batching,
     bootstrap: &Bootstrap,
 ) -> ModelEvaluation {
     let (distinct, index) = distinct_weights(settings);
-    let distinct_margins = implicit_margins(model, pairs, reference, &distinct, beta, batching);
+    let distinct_margins = implicit_margins(model, pairs, reference, &distinct, reward, batching);
+    let differences = length::length_differences(pairs);
     let mut evaluation = ModelEvaluation {
         results: Vec::with_capacity(settings.len()),
         outcomes: Vec::with_capacity(settings.len()),
@@ -154,14 +158,20 @@ pub fn evaluate(
             .collect();
         let margins = distinct_margins[v].clone();
         let outcomes = metrics::outcomes(&margins, &labels);
-        let accuracy = metrics::accuracy(
+        let stream = metrics::weight_stream(&setting.weights);
+        let accuracy = metrics::accuracy(&outcomes, bootstrap, stream);
+        let length = length::length_view(
+            &differences,
+            &labels,
             &outcomes,
+            &margins,
             bootstrap,
-            metrics::weight_stream(&setting.weights),
+            stream,
         );
         evaluation.results.push(SettingResult {
             setting: setting.clone(),
             accuracy,
+            length,
         });
         evaluation.outcomes.push(outcomes);
         evaluation.margins.push(margins);

@@ -119,6 +119,7 @@ pub fn to_json(comparison: &Comparison) -> serde_json::Value {
                         "correct": a.correct,
                         "accuracy": a.accuracy,
                         "interval": a.interval,
+                        "length": r[s].length,
                     })
                 })
                 .collect();
@@ -302,5 +303,55 @@ pub fn to_markdown(comparison: &Comparison) -> String {
             cells.join(" | ")
         );
     }
+    length_section(comparison, &mut md);
     md
+}
+
+/// The length-controlled view: per setting and run, accuracy where the labelled winner is the
+/// longer response and where it is the shorter one, and the margin-length correlation.
+fn length_section(comparison: &Comparison, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "\n## Length-controlled view\n\nAccuracy in % (pairs counted) where the labelled \
+         winner at `w` is the longer response, and where it is the shorter one (pairs of equal \
+         length in neither); r: Pearson correlation of the implicit margin with `|y_a| - |y_b|` \
+         (tokens) over every conflict pair. A reward that leans on length is high on the first, \
+         low on the second, with r > 0.\n"
+    );
+    let header: Vec<String> = comparison
+        .runs
+        .iter()
+        .map(|r| format!("{0} longer wins | {0} shorter wins | {0} r", r.label))
+        .collect();
+    let _ = writeln!(md, "| dimensions | w | {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|---|{}", "---|".repeat(3 * comparison.runs.len()));
+    for (s, setting) in comparison.settings.iter().enumerate() {
+        let pair = pair_names(comparison, setting)
+            .map(|[a, b]| format!("{a} / {b}"))
+            .unwrap_or_else(|| comparison.dimensions[0].clone());
+        let cells: Vec<String> = comparison
+            .results
+            .iter()
+            .map(|r| {
+                let view = &r[s].length;
+                let split =
+                    |a: &super::Accuracy| format!("{} ({})", percent(a.accuracy), a.counted);
+                let r = view
+                    .margin_length_correlation
+                    .map(|r| format!("{r:+.2}"))
+                    .unwrap_or_else(|| "n/a".into());
+                format!(
+                    "{} | {} | {r}",
+                    split(&view.longer_wins),
+                    split(&view.shorter_wins)
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {pair} | {} | {} |",
+            weights_text(&setting.weights),
+            cells.join(" | ")
+        );
+    }
 }

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::{
-    conflict_pairs, evaluate, paper_settings, Batching, Bootstrap, MethodSummary, Setting,
-    SettingResult,
+    conflict_pairs, evaluate, paper_settings, Batching, Bootstrap, ImplicitReward, MethodSummary,
+    Setting, SettingResult,
 };
 use crate::config::RunConfig;
 use crate::data::{self, PreferenceData, TokenizedPair};
@@ -196,7 +196,7 @@ fn evaluate_run(
         &pairs,
         &reference,
         settings,
-        config.method.beta,
+        ImplicitReward::of(&config.method),
         &batching,
         &options.bootstrap,
     );

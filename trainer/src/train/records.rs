@@ -37,7 +37,7 @@ pub(super) fn evaluate_held_out(
         &pairs,
         reference,
         &eval::paper_settings(k),
-        run.config.method.beta,
+        eval::ImplicitReward::of(&run.config.method),
         &batching,
         &bootstrap,
     );
