@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::RunCompute;
 use crate::eval::report::{percent, vertex_settings, weights_text};
-use crate::eval::Comparison;
+use crate::eval::{Comparison, LengthView};
 
 /// t_{0.975, df} for df = 1..=30 (scipy.stats.t.ppf(0.975, df), to 3 decimals); beyond 30 the
 /// normal 1.960.
@@ -51,6 +51,8 @@ pub struct MethodAcrossSeeds {
     pub mean_accuracy: Vec<f64>,
     /// Share of settings won, one per seed.
     pub win_rate: Vec<f64>,
+    /// The length-controlled view at each shown setting, one per seed.
+    pub length: Vec<Vec<LengthView>>,
     pub compute: RunCompute,
 }
 
@@ -94,6 +96,7 @@ impl AcrossSeeds {
                 accuracy: vec![Vec::new(); shown.len()],
                 mean_accuracy: Vec::new(),
                 win_rate: Vec::new(),
+                length: vec![Vec::new(); shown.len()],
                 compute: compute[m].clone(),
             };
             for c in comparisons {
@@ -103,6 +106,7 @@ impl AcrossSeeds {
                 );
                 for (column, &s) in shown.iter().enumerate() {
                     method.accuracy[column].push(c.results[m][s].accuracy.accuracy);
+                    method.length[column].push(c.results[m][s].length.clone());
                 }
                 let summary = &c.summaries[m];
                 method
@@ -196,7 +200,51 @@ impl AcrossSeeds {
                 );
             }
         }
+        self.length_markdown(&columns, &mut md);
         md
+    }
+
+    /// The length-controlled view over seeds: per method and shown setting, the mean
+    /// accuracy where the labelled winner is the longer response (L), where it is the shorter
+    /// one (S), and the mean margin-length correlation (r).
+    fn length_markdown(&self, columns: &[String], md: &mut String) {
+        let _ = writeln!(
+            md,
+            "\nLength-controlled view, mean over the seeds (± 95% t half-width): L, accuracy \
+             (%) where the labelled winner is the longer response; S, where it is the shorter \
+             one; r, the correlation of the implicit margin with the length difference. A \
+             reward that leans on length has L > S and r > 0 where the labels do not.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| method | {} |\n|---|{}",
+            columns.join(" | "),
+            "---|".repeat(columns.len())
+        );
+        for m in &self.methods {
+            let mean = |values: Vec<Option<f64>>, scale: f64| -> String {
+                match values.into_iter().collect::<Option<Vec<f64>>>() {
+                    Some(v) if !v.is_empty() => percent_interval(MeanInterval::of(&v), scale),
+                    _ => "n/a".into(),
+                }
+            };
+            let cells: Vec<String> = m
+                .length
+                .iter()
+                .map(|views| {
+                    let longer = views.iter().map(|v| v.longer_wins.accuracy).collect();
+                    let shorter = views.iter().map(|v| v.shorter_wins.accuracy).collect();
+                    let r = views.iter().map(|v| v.margin_length_correlation).collect();
+                    format!(
+                        "L {} / S {} / r {}",
+                        mean(longer, 100.0),
+                        mean(shorter, 100.0),
+                        mean(r, 1.0)
+                    )
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", m.method, cells.join(" | "));
+        }
     }
 }
 
