@@ -19,6 +19,9 @@ pub struct LengthView {
     /// Pearson correlation of the margins with `|y_a| - |y_b|` over every pair (labelled or
     /// not); `None` with fewer than two pairs or no spread.
     pub margin_length_correlation: Option<f64>,
+    /// The same for the labels' score difference `w . (s_a - s_b)`: how much length the data
+    /// itself ties to the preference at this w, the value an exact reward would show.
+    pub score_length_correlation: Option<f64>,
 }
 
 /// `(|y_a| - |y_b|)` of each pair, in tokens.
@@ -29,11 +32,26 @@ pub fn length_differences(pairs: &[&TokenizedPair]) -> Vec<f64> {
         .collect()
 }
 
-/// The view of one setting from the pairs' length differences, their labels at w
-/// (`Some(true)`: y_a wins), the model's outcomes and margins. Pairs of equal length fall in
-/// neither split. `stream` is the setting's bootstrap stream (each split draws its own).
+/// `w . (s_a - s_b)` of each pair.
+pub fn score_differences(pairs: &[&TokenizedPair], weights: &[f64]) -> Vec<f64> {
+    pairs
+        .iter()
+        .map(|p| {
+            (p.scores_a.iter().zip(&p.scores_b))
+                .zip(weights)
+                .map(|((a, b), w)| w * (a - b))
+                .sum()
+        })
+        .collect()
+}
+
+/// The view of one setting from the pairs' length differences, their score differences and
+/// labels at w (`Some(true)`: y_a wins), the model's outcomes and margins. Pairs of equal
+/// length fall in neither split. `stream` is the setting's bootstrap stream (each split draws
+/// its own).
 pub fn length_view(
     differences: &[f64],
+    scores: &[f64],
     labels: &[Option<bool>],
     outcomes: &[Option<bool>],
     margins: &[f64],
@@ -63,6 +81,7 @@ pub fn length_view(
         longer_wins: metrics::accuracy(&split(true), bootstrap, stream ^ 0x4c4f_4e47),
         shorter_wins: metrics::accuracy(&split(false), bootstrap, stream ^ 0x5348_4f52),
         margin_length_correlation: pearson(margins, differences),
+        score_length_correlation: pearson(scores, differences),
     }
 }
 
@@ -121,7 +140,8 @@ mod tests {
             resamples: 0,
             ..Bootstrap::default()
         };
-        let view = length_view(&differences, &labels, &outcomes, &margins, &off, 7);
+        let scores = [1.0, 1.0, -1.0, -1.0, 1.0, 0.0];
+        let view = length_view(&differences, &scores, &labels, &outcomes, &margins, &off, 7);
         assert_eq!((view.longer_wins.correct, view.longer_wins.counted), (1, 2));
         assert_eq!(
             (view.shorter_wins.correct, view.shorter_wins.counted),
@@ -130,6 +150,10 @@ mod tests {
         assert_eq!(
             view.margin_length_correlation,
             pearson(&margins, &differences)
+        );
+        assert_eq!(
+            view.score_length_correlation,
+            pearson(&scores, &differences)
         );
     }
 }

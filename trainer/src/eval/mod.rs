@@ -162,6 +162,7 @@ pub fn evaluate(
         let accuracy = metrics::accuracy(&outcomes, bootstrap, stream);
         let length = length::length_view(
             &differences,
+            &length::score_differences(pairs, &setting.weights),
             &labels,
             &outcomes,
             &margins,

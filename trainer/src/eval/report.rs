@@ -315,16 +315,21 @@ fn length_section(comparison: &Comparison, md: &mut String) {
         "\n## Length-controlled view\n\nAccuracy in % (pairs counted) where the labelled \
          winner at `w` is the longer response, and where it is the shorter one (pairs of equal \
          length in neither); r: Pearson correlation of the implicit margin with `|y_a| - |y_b|` \
-         (tokens) over every conflict pair. A reward that leans on length is high on the first, \
-         low on the second, with r > 0.\n"
+         (tokens) over every conflict pair, and labels r: that of the score difference \
+         `w . (s_a - s_b)`, what an exact reward would show. A reward that leans on length \
+         more than the labels is high on the first, low on the second, with r above labels r.\n"
     );
     let header: Vec<String> = comparison
         .runs
         .iter()
         .map(|r| format!("{0} longer wins | {0} shorter wins | {0} r", r.label))
         .collect();
-    let _ = writeln!(md, "| dimensions | w | {} |", header.join(" | "));
-    let _ = writeln!(md, "|---|---|{}", "---|".repeat(3 * comparison.runs.len()));
+    let _ = writeln!(md, "| dimensions | w | labels r | {} |", header.join(" | "));
+    let _ = writeln!(
+        md,
+        "|---|---|---|{}",
+        "---|".repeat(3 * comparison.runs.len())
+    );
     for (s, setting) in comparison.settings.iter().enumerate() {
         let pair = pair_names(comparison, setting)
             .map(|[a, b]| format!("{a} / {b}"))
@@ -347,9 +352,14 @@ fn length_section(comparison: &Comparison, md: &mut String) {
                 )
             })
             .collect();
+        let labels_r = comparison.results[0][s]
+            .length
+            .score_length_correlation
+            .map(|r| format!("{r:+.2}"))
+            .unwrap_or_else(|| "n/a".into());
         let _ = writeln!(
             md,
-            "| {pair} | {} | {} |",
+            "| {pair} | {} | {labels_r} | {} |",
             weights_text(&setting.weights),
             cells.join(" | ")
         );

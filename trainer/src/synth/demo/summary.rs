@@ -212,8 +212,10 @@ impl AcrossSeeds {
             md,
             "\nLength-controlled view, mean over the seeds (± 95% t half-width): L, accuracy \
              (%) where the labelled winner is the longer response; S, where it is the shorter \
-             one; r, the correlation of the implicit margin with the length difference. A \
-             reward that leans on length has L > S and r > 0 where the labels do not.\n"
+             one; r, the correlation of the implicit margin with the length difference. The \
+             labels' row is the correlation of the score difference `w . (s_a - s_b)` with the \
+             length difference: what an exact reward would show. A reward that leans on \
+             length more than the labels has L > S and r above the labels' r.\n"
         );
         let _ = writeln!(
             md,
@@ -244,6 +246,23 @@ impl AcrossSeeds {
                 })
                 .collect();
             let _ = writeln!(md, "| {} | {} |", m.method, cells.join(" | "));
+        }
+        if let Some(m) = self.methods.first() {
+            let cells: Vec<String> = m
+                .length
+                .iter()
+                .map(|views| {
+                    let r: Option<Vec<f64>> =
+                        views.iter().map(|v| v.score_length_correlation).collect();
+                    match r {
+                        Some(r) if !r.is_empty() => {
+                            format!("r {}", percent_interval(MeanInterval::of(&r), 1.0))
+                        }
+                        _ => "n/a".into(),
+                    }
+                })
+                .collect();
+            let _ = writeln!(md, "| labels | {} |", cells.join(" | "));
         }
     }
 }
