@@ -156,6 +156,23 @@ fn merged_margins(
         .unzip()
 }
 
+/// Small forwards (one weight vector at a time, 2 pairs) and one large forward (every weight
+/// vector of all five pairs): they must give the same margins.
+fn narrow_and_wide(pad: u32) -> (Batching, Batching) {
+    let narrow = Batching {
+        micro_batch: 2,
+        rows_per_forward: 1,
+        pad_token_id: pad,
+        device: Device::Cpu,
+    };
+    let wide = Batching {
+        micro_batch: 5,
+        rows_per_forward: 100,
+        ..narrow
+    };
+    (narrow, wide)
+}
+
 fn hand_built_case(shared: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("model");
@@ -179,19 +196,7 @@ fn hand_built_case(shared: bool) {
     let reference = reference::compute(&loaded.model, &data.eval.pairs, 4, pad, Device::Cpu);
     let settings = paper_settings(2);
     assert_eq!(settings.len(), 5);
-    // Small forwards (one weight vector at a time, 2 pairs) and one large forward (every
-    // weight vector of all five pairs): the same margins.
-    let narrow = Batching {
-        micro_batch: 2,
-        rows_per_forward: 1,
-        pad_token_id: pad,
-        device: Device::Cpu,
-    };
-    let wide = Batching {
-        micro_batch: 5,
-        rows_per_forward: 100,
-        ..narrow
-    };
+    let (narrow, wide) = narrow_and_wide(pad);
     let bootstrap = Bootstrap::default();
     let evaluation = eval::evaluate(
         &loaded.model,
@@ -212,30 +217,13 @@ fn hand_built_case(shared: bool) {
         &bootstrap,
     );
 
-    let per_token = eval::evaluate(
-        &loaded.model,
-        &pairs,
-        &reference,
-        &settings,
-        eval::ImplicitReward {
-            beta: BETA,
-            per_token: true,
-        },
-        &wide,
-        &bootstrap,
-    );
-
+    let mut per_token_expected = Vec::new();
     let expected_counted = [5, 4, 2, 5, 5];
     for (s, setting) in settings.iter().enumerate() {
         let out = tmp.path().join(format!("merged-{s}"));
         let (expected, expected_per_token) =
             merged_margins(&loaded, &model_dir, &out, &setting.weights, &data, pad);
-        for (got, want) in per_token.margins[s].iter().zip(&expected_per_token) {
-            assert!(
-                (got - want).abs() <= 1e-5 + 1e-4 * want.abs(),
-                "per-token margin {got}, merged model {want}"
-            );
-        }
+        per_token_expected.push(expected_per_token);
         for (p, (&got, &want)) in evaluation.margins[s].iter().zip(&expected).enumerate() {
             assert!(
                 want.abs() > 1e-3,
@@ -282,6 +270,33 @@ fn hand_built_case(shared: bool) {
             (None, None) => assert_eq!(setting.weights, vec![0.5, 0.5]),
             (Some(a), Some(b)) => assert_ne!(a, b, "w {:?}", setting.weights),
             other => panic!("P1 and P2 tie together or not at all: {other:?}"),
+        }
+    }
+    let per_token = eval::ImplicitReward {
+        beta: BETA,
+        per_token: true,
+    };
+    let got = eval::evaluate(
+        &loaded.model,
+        &pairs,
+        &reference,
+        &settings,
+        per_token,
+        &wide,
+        &bootstrap,
+    );
+    assert_per_token_margins(&got.margins, &per_token_expected);
+}
+
+/// Per-token margins (`ImplicitReward { per_token: true }`) equal the merged model's, pair by
+/// pair: `beta (u_a / |y_a| - u_b / |y_b|)`.
+fn assert_per_token_margins(got: &[Vec<f64>], expected: &[Vec<f64>]) {
+    for (got, expected) in got.iter().zip(expected) {
+        for (got, want) in got.iter().zip(expected) {
+            assert!(
+                (got - want).abs() <= 1e-5 + 1e-4 * want.abs(),
+                "per-token margin {got}, merged model {want}"
+            );
         }
     }
 }
