@@ -147,6 +147,21 @@ fn data_config(train_file: &Path, max_length: usize) -> DataConfig {
     toml::from_str(&text).unwrap()
 }
 
+/// The first `rows` rows of the PKU-SafeRLHF sample in `<dir>/train.jsonl`: the file and its
+/// text.
+fn write_pku_rows(dir: &Path, rows: usize) -> (std::path::PathBuf, String) {
+    let sample: String =
+        std::fs::read_to_string(shared_data_dir().join("pku_saferlhf_sample.jsonl"))
+            .unwrap()
+            .lines()
+            .take(rows)
+            .map(|l| format!("{l}\n"))
+            .collect();
+    let train_file = dir.join("train.jsonl");
+    std::fs::write(&train_file, &sample).unwrap();
+    (train_file, sample)
+}
+
 /// The cached reference log-probs equal a live computation, are reused, and are recomputed
 /// when the data or max_length changes (both change the key).
 #[test]
@@ -158,15 +173,7 @@ fn reference_cache_reuses_and_invalidates() {
     let tokenizer = ChatTokenizer::from_model_dir(&model_dir, None).unwrap();
     let loaded = load_model(&model_dir, None, Device::Cpu, Kind::Float).unwrap();
     // 40 rows of the real PKU-SafeRLHF sample keep the test quick.
-    let sample: String =
-        std::fs::read_to_string(shared_data_dir().join("pku_saferlhf_sample.jsonl"))
-            .unwrap()
-            .lines()
-            .take(40)
-            .map(|l| format!("{l}\n"))
-            .collect();
-    let train_file = tmp.path().join("train.jsonl");
-    std::fs::write(&train_file, &sample).unwrap();
+    let (train_file, sample) = write_pku_rows(tmp.path(), 40);
 
     let run = |config: &DataConfig| {
         let pairs = data::load(config, &tokenizer).unwrap().train.pairs;
@@ -233,15 +240,7 @@ fn reference_cache_chunks_verify_and_shares_add_up() {
     write_tiny_model(&model_dir, 3);
     let tokenizer = ChatTokenizer::from_model_dir(&model_dir, None).unwrap();
     let loaded = load_model(&model_dir, None, Device::Cpu, Kind::Float).unwrap();
-    let sample: String =
-        std::fs::read_to_string(shared_data_dir().join("pku_saferlhf_sample.jsonl"))
-            .unwrap()
-            .lines()
-            .take(30)
-            .map(|l| format!("{l}\n"))
-            .collect();
-    let train_file = tmp.path().join("train.jsonl");
-    std::fs::write(&train_file, &sample).unwrap();
+    let (train_file, _) = write_pku_rows(tmp.path(), 30);
     let pairs = data::load(&data_config(&train_file, 96), &tokenizer)
         .unwrap()
         .train

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use support::{
-    assert_success, bin, final_adapters, project_root, skip, stderr, stdout, tiny_model, TrainToml,
+    assert_success, bin, final_adapters, project_root, skip, stderr, stdout, workspace_with,
+    TrainToml,
 };
 
 /// `tools/crash_test.sh ARGS` with this build's binary; panics with its output unless every
@@ -57,13 +58,11 @@ fn run_toml() -> TrainToml {
     }
 }
 
-/// `dir` with the tiny model and `toml` in `run.toml`; returns the config path.
-fn workspace(dir: &Path, toml: &TrainToml) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    if !dir.join("model").exists() {
-        tiny_model(&dir.join("model"), 3);
-    }
-    toml.write(&dir.join("run.toml"))
+/// The final adapters of `run_toml`'s run, uninterrupted, in `dir`.
+fn uninterrupted(dir: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    let config = workspace_with(dir, &run_toml());
+    assert_success(&train(&config, &[], None));
+    final_adapters(&dir.join("run"))
 }
 
 /// `train --config CONFIG ARGS` with `MODPO_CRASH_AT=crash_at` (when given).
@@ -103,12 +102,10 @@ fn reference_events(run: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn a_requeued_job_killed_in_the_reference_pass_finishes_like_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected_config = workspace(&tmp.path().join("uninterrupted"), &run_toml());
-    assert_success(&train(&expected_config, &[], None));
-    let expected = final_adapters(&tmp.path().join("uninterrupted/run"));
+    let expected = uninterrupted(&tmp.path().join("uninterrupted"));
 
     let dir = tmp.path().join("requeued");
-    let config = workspace(&dir, &run_toml());
+    let config = workspace_with(&dir, &run_toml());
     let first = start_args(&config, None);
     assert!(first.is_empty(), "a new run: {first:?}");
     let killed = train(&config, &[], Some("reference-chunk-written:1"));
@@ -165,13 +162,13 @@ fn resume_without_a_checkpoint_refuses_another_run_with_the_differences() {
         ("data-loaded:1", "resolved_config.json"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let config = workspace(tmp.path(), &run_toml());
+        let config = workspace_with(tmp.path(), &run_toml());
         assert!(!train(&config, &[], Some(crash_at)).status.success());
         let changed = TrainToml {
             learning_rate: 1e-3,
             ..run_toml()
         };
-        let config = workspace(tmp.path(), &changed);
+        let config = workspace_with(tmp.path(), &changed);
         let out = train(&config, &["--resume"], None);
         assert!(!out.status.success());
         let run = tmp.path().join("run");
@@ -262,12 +259,10 @@ fn entries(dir: &Path) -> Vec<String> {
 #[test]
 fn a_full_disk_while_checkpointing_fails_cleanly_and_the_run_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let expected_config = workspace(&tmp.path().join("uninterrupted"), &run_toml());
-    assert_success(&train(&expected_config, &[], None));
-    let expected = final_adapters(&tmp.path().join("uninterrupted/run"));
+    let expected = uninterrupted(&tmp.path().join("uninterrupted"));
 
     let dir = tmp.path().join("full");
-    let config = workspace(&dir, &run_toml());
+    let config = workspace_with(&dir, &run_toml());
     let checkpoints = dir.join("run/checkpoints");
     let Some(disk) = Tmpfs::mount(&checkpoints, 16384) else {
         skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)");
@@ -319,7 +314,7 @@ fn a_full_or_read_only_cache_fails_naming_the_chunk() {
         cache_dir: Some(cache.display().to_string()),
         ..run_toml()
     };
-    let config = workspace(tmp.path(), &toml);
+    let config = workspace_with(tmp.path(), &toml);
     let Some(disk) = Tmpfs::mount(&cache, 16384) else {
         skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)");
         return;

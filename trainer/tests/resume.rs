@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{assert_success, final_adapters, modpo, stderr, tiny_model, Job, TrainToml};
+use support::{assert_success, final_adapters, modpo, stderr, workspace_with, Job, TrainToml};
 use tch::Tensor;
 
 /// The runs of this file: 12 steps into `run` with a checkpoint after each, the 3 newest kept.
@@ -21,15 +21,6 @@ fn run_toml() -> TrainToml {
         train_extra: "checkpoint_every = 1\nkeep_checkpoints = 3\n".into(),
         ..TrainToml::default()
     }
-}
-
-/// A directory with the tiny model and `toml` in `run.toml`; returns the config's path.
-fn workspace_with(dir: &Path, toml: &TrainToml) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    if !dir.join("model").exists() {
-        tiny_model(&dir.join("model"), 3);
-    }
-    toml.write(&dir.join("run.toml"))
 }
 
 /// A directory with the tiny model and the config of `run_toml`.

@@ -140,6 +140,16 @@ impl TrainToml {
     }
 }
 
+/// A directory with the tiny model (seed 3) and `toml` in `run.toml`; returns the config's
+/// path.
+pub fn workspace_with(dir: &Path, toml: &TrainToml) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    if !dir.join("model").exists() {
+        tiny_model(&dir.join("model"), 3);
+    }
+    toml.write(&dir.join("run.toml"))
+}
+
 /// The adapters a finished run wrote, by name.
 pub fn final_adapters(run: &Path) -> std::collections::HashMap<String, Tensor> {
     Tensor::read_safetensors(run.join("adapters.safetensors"))
