@@ -290,6 +290,19 @@ impl BatchTensors {
     }
 }
 
+/// `(|y_a|, |y_b|)` of a micro-batch's pairs, in tokens (EOS included), in the order
+/// [`crate::data::collate`] keeps them: [B] f32 each.
+pub fn response_lengths(pairs: &[&TokenizedPair], device: Device) -> (Tensor, Tensor) {
+    let lengths = |of: fn(&TokenizedPair) -> usize| {
+        let values: Vec<f32> = pairs.iter().map(|p| of(p) as f32).collect();
+        Tensor::from_slice(&values).to_device(device)
+    };
+    (
+        lengths(|p| p.response_a_ids.len()),
+        lengths(|p| p.response_b_ids.len()),
+    )
+}
+
 /// Sums of scored tokens' log-probabilities from the decoder's final hidden states:
 /// [outputs] in f32. Only the `predictors` positions ([N] flat indices into `[R * T]`) go
 /// through the LM head, so the `[R, T, vocab]` logits of prompts and padding are never built;

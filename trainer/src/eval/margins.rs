@@ -10,7 +10,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{collate, TokenizedPair};
-use crate::logps::{sequence_logps, BatchTensors};
+use crate::logps::{response_lengths, sequence_logps, BatchTensors};
 use crate::loss::LengthCorrection;
 use crate::method::MethodConfig;
 use crate::model::{CausalLm, Conditioning};
@@ -106,16 +106,11 @@ pub fn implicit_margins(
         let tensors = BatchTensors::new(&batch, device);
         let b = tensors.pairs;
         let (reference_a, reference_b) = reference.gather(&batch.pair_ids, device); // [B] each
-                                                                                    // Per-token rewards divide each response's log-ratio by its length: [1, B] each.
-        let lengths = |of: fn(&TokenizedPair) -> usize| {
-            let values: Vec<f32> = selected.iter().map(|p| of(p) as f32).collect();
-            Tensor::from_slice(&values).to_device(device).unsqueeze(0)
-        };
+
+        // Per-token rewards divide each response's log-ratio by its length: [1, B] each.
         let per_token = reward.per_token.then(|| {
-            (
-                lengths(|p| p.response_a_ids.len()),
-                lengths(|p| p.response_b_ids.len()),
-            )
+            let (a, b) = response_lengths(&selected, device);
+            (a.unsqueeze(0), b.unsqueeze(0))
         });
         let per_forward = (batching.rows_per_forward / chunk.len()).max(1);
         for (group_index, group) in weights.chunks(per_forward).enumerate() {

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use modpo_launcher::{Collective, Op};
 
 use crate::data::{collate, BatchPlan, MicroBatch, TokenizedPair};
-use crate::logps::{sequence_logps, BatchTensors, RowLayout};
+use crate::logps::{response_lengths, sequence_logps, BatchTensors, RowLayout};
 use crate::loss::LengthCorrection;
 use crate::method::{AdaLoraTraining, Stage, WeightSampling};
 use crate::model::{CausalLm, Conditioning};
@@ -318,19 +318,6 @@ impl<'a> StepRunner<'a> {
             adalora: None,
         })
     }
-}
-
-/// `(|y_a|, |y_b|)` of a micro-batch's pairs, in tokens (EOS included), in the order
-/// [`collate`] keeps them: [B] f32 each.
-fn response_lengths(pairs: &[&TokenizedPair], device: Device) -> (Tensor, Tensor) {
-    let lengths = |of: fn(&TokenizedPair) -> usize| {
-        let values: Vec<f32> = pairs.iter().map(|p| of(p) as f32).collect();
-        Tensor::from_slice(&values).to_device(device)
-    };
-    (
-        lengths(|p| p.response_a_ids.len()),
-        lengths(|p| p.response_b_ids.len()),
-    )
 }
 
 /// The drawn weights of a micro-batch's rows, looked up by each pair's position in the global

@@ -185,7 +185,7 @@ fn every_step_execution_gives_the_same_gradients() {
             reference_b,
             preferences,
             drawn_weights: Some(drawn),
-            lengths: super::response_lengths(&data.train.select(&ids), Device::Cpu),
+            lengths: crate::logps::response_lengths(&data.train.select(&ids), Device::Cpu),
         }
     };
     let (per_response_inputs, shared_inputs) = (inputs_of(&per_response), inputs_of(&shared));
