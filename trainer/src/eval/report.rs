@@ -50,6 +50,13 @@ pub fn write(comparison: &Comparison, out: &Path, force: bool) -> Result<Written
     })
 }
 
+/// The setting's row label: "first / second" dimension names, or the only dimension (k = 1).
+fn pair_label(comparison: &Comparison, setting: &Setting) -> String {
+    pair_names(comparison, setting)
+        .map(|[a, b]| format!("{a} / {b}"))
+        .unwrap_or_else(|| comparison.dimensions[0].clone())
+}
+
 /// `(i, j)` as dimension names.
 fn pair_names(comparison: &Comparison, setting: &Setting) -> Option<[String; 2]> {
     setting.pair.map(|(i, j)| {
@@ -292,9 +299,7 @@ pub fn to_markdown(comparison: &Comparison) -> String {
         let cells: Vec<String> = (0..comparison.runs.len())
             .map(|r| cell(comparison, r, s, &won))
             .collect();
-        let pair = pair_names(comparison, setting)
-            .map(|[a, b]| format!("{a} / {b}"))
-            .unwrap_or_else(|| comparison.dimensions[0].clone());
+        let pair = pair_label(comparison, setting);
         let _ = writeln!(
             md,
             "| {pair} | {} | {} | {} |",
@@ -331,9 +336,7 @@ fn length_section(comparison: &Comparison, md: &mut String) {
         "---|".repeat(3 * comparison.runs.len())
     );
     for (s, setting) in comparison.settings.iter().enumerate() {
-        let pair = pair_names(comparison, setting)
-            .map(|[a, b]| format!("{a} / {b}"))
-            .unwrap_or_else(|| comparison.dimensions[0].clone());
+        let pair = pair_label(comparison, setting);
         let cells: Vec<String> = comparison
             .results
             .iter()
