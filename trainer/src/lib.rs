@@ -21,6 +21,7 @@ pub mod paths;
 pub mod rank_allocation;
 pub mod reference;
 pub mod saved_run;
+pub mod serve;
 pub mod step;
 pub mod synth;
 pub mod tokenizer;

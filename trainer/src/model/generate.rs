@@ -20,8 +20,9 @@ pub struct GenerateOptions {
     pub eos_token_id: Option<u32>,
 }
 
-/// Picks the next token from logits [vocab] (f32 on any device).
-fn pick(logits: &Tensor, opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> Result<u32> {
+/// Picks the next token from logits [vocab] (f32 on any device): the argmax when greedy, else a
+/// draw from `rng`.
+pub fn pick(logits: &Tensor, opts: &GenerateOptions, rng: &mut ChaCha8Rng) -> Result<u32> {
     if opts.temperature <= 0.0 {
         return Ok(logits.argmax(-1, false).int64_value(&[]) as u32);
     }

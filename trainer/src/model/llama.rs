@@ -10,6 +10,8 @@ use super::adapter::{Adapter, AdapterSpec, ConditionedLinear, Conditioning, Lora
 use super::hf_config::ModelConfig;
 use super::rotary::{apply_rotary, RopeTables, Rotary};
 
+mod decode_rows;
+
 /// The seven projections of a decoder layer: `(key, out, in, bias)`, in checkpoint order.
 pub fn layer_projections(config: &ModelConfig) -> [(&'static str, i64, i64, bool); 7] {
     let c = config;
@@ -203,14 +205,23 @@ impl Attention {
             }
             *cache = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let t_all = k.size()[2];
+        let attn = self.scaled_attention(&q, k, v, mask); // [b, nh, t, d]
+        let merged = attn
+            .transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim]);
+        self.o_proj.forward(&merged, cond)
+    }
+
+    /// q: [b, nh, t, d]; k, v: [b, nkv, t_all, d]; mask: [b, 1, t, t_all] -> [b, nh, t, d]
+    fn scaled_attention(&self, q: &Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Tensor {
+        let (b, t_all) = (k.size()[0], k.size()[2]);
         // Grouped-query attention: each key/value head serves `group` consecutive query heads
         // (HF `repeat_kv`). On CPU the flash kernel takes the grouping (`enable_gqa`) and a
         // mask, so keys and values are never copied per query head. On CUDA the kernels that
         // take a padding mask do not take the grouping (only math, which builds [b, nh, t, t]
         // scores), so there they are expanded.
         let group = self.num_heads / self.num_kv_heads;
-        let native_gqa = x.device() == Device::Cpu;
+        let native_gqa = q.device() == Device::Cpu;
         let expand = |x: Tensor| -> Tensor {
             if group == 1 || native_gqa {
                 return x;
@@ -219,8 +230,8 @@ impl Attention {
                 .expand([b, self.num_kv_heads, group, t_all, self.head_dim], false)
                 .reshape([b, self.num_heads, t_all, self.head_dim])
         };
-        let attn = Tensor::scaled_dot_product_attention(
-            &q,
+        Tensor::scaled_dot_product_attention(
+            q,
             &expand(k),
             &expand(v),
             Some(mask),
@@ -228,11 +239,7 @@ impl Attention {
             false,
             None,
             native_gqa && group > 1,
-        ); // [b, nh, t, d]
-        let merged = attn
-            .transpose(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&merged, cond)
+        )
     }
 }
 

@@ -66,6 +66,9 @@ enum Command {
     /// off in turn, and (cpu preset) TRL + PEFT and a plain PyTorch stage-3 loop on the same
     /// model and pairs: a table on stdout and <out>/results.json.
     Bench(BenchArgs),
+    /// Serve a run (or a model) behind an OpenAI-compatible HTTP endpoint with per-request
+    /// preference weights, continuous batching and a playground page at `/`.
+    Serve(modpo_trainer::serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => commands::synth(&args),
         Command::Demo(args) => commands::demo(args),
         Command::Bench(args) => commands::bench(args),
+        Command::Serve(args) => modpo_trainer::serve::serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
