@@ -318,12 +318,57 @@ pub fn logps_from_hidden(
 ) -> Tensor {
     let h = hidden.size()[2];
     let scored = hidden.reshape([-1, h]).index_select(0, predictors); // [N, H]
-    let logits = model.logits_from_hidden(&scored); // [N, vocab]
-    let token_logps = logits
-        .log_softmax(-1, Kind::Float)
-        .gather(1, &targets.unsqueeze(1), false)
-        .squeeze_dim(1); // [N]
+    let chunk_rows = (LOGITS_CHUNK_ELEMENTS / model.config().vocab_size).max(1);
+    let token_logps = token_logps(model, &scored, targets, chunk_rows); // [N]
     Tensor::zeros([outputs], (Kind::Float, hidden.device())).index_add(0, slots, &token_logps)
+}
+
+/// Rows of `[rows, vocab]` logits that exist at once when tokens are scored: 2^26 f32 values
+/// (256 MiB, 512 rows of Llama-3's 128k vocabulary), where all N scored positions of a
+/// micro-batch at the paper's scale would take several GiB.
+const LOGITS_CHUNK_ELEMENTS: i64 = 1 << 26;
+
+/// `log p(target_i | h_i)` of each scored hidden state: [N] in f32, from scored [N, H] and
+/// targets [N], with the LM head and the log-softmax run over `chunk_rows` rows at a time, so
+/// that no more than one chunk of logits exists, in the forward or the backward.
+///
+/// Each token's log-probability depends on its own hidden row only, so when `scored` needs a
+/// gradient, each chunk also yields `J_i = d log p_i / d h_i` ([H], by `autograd.grad` on the
+/// chunk: `(onehot(target_i) - softmax_i) W`), and the result is
+/// `value + (h_i . J_i - stop_gradient(h_i . J_i))`: its value is exactly the log-probability
+/// (the two dot products cancel to 0) and its gradient with respect to `h_i` is `g_i J_i`, what
+/// the backward of the whole log-softmax would give. The matrix product the backward would do
+/// moves into the forward, and only `J` ([N, H]) is kept for the backward. The head's weight
+/// gets no gradient this way; it is frozen in training.
+pub fn token_logps(model: &CausalLm, scored: &Tensor, targets: &Tensor, chunk_rows: i64) -> Tensor {
+    let n = scored.size()[0];
+    let needs_gradient = scored.requires_grad();
+    let (mut values, mut jacobians) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(chunk_rows.max(1) as usize) {
+        let rows = chunk_rows.min(n - start);
+        let h = scored.narrow(0, start, rows).detach(); // [rows, H]
+        let h = if needs_gradient { h.set_requires_grad(true) } else { h };
+        let logps = model
+            .logits_from_hidden(&h) // [rows, vocab]
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &targets.narrow(0, start, rows).unsqueeze(1), false)
+            .squeeze_dim(1); // [rows]
+        if needs_gradient {
+            let sum = logps.sum(Kind::Float);
+            jacobians.push(Tensor::run_backward(&[&sum], &[&h], false, false).remove(0));
+        }
+        values.push(logps.detach());
+    }
+    if values.is_empty() {
+        return Tensor::zeros([0], (Kind::Float, scored.device()));
+    }
+    let values = Tensor::cat(&values, 0); // [N]
+    if !needs_gradient {
+        return values;
+    }
+    let jacobian = Tensor::cat(&jacobians, 0); // [N, H]
+    let dot = (scored * &jacobian).sum_dim_intlist(-1, false, Kind::Float); // [N]
+    values + (&dot - dot.detach())
 }
 
 /// Response log-probabilities of every row: [rows] in f32, for callers holding only tensors
@@ -503,6 +548,47 @@ mod tests {
         assert_eq!(replicated.a_predictors, 3 * tensors.a_predictors);
         assert_eq!(replicated.tokens, 3 * tensors.tokens);
         assert_eq!(replicated.input_ids.size(), [12, 5]);
+    }
+
+    /// The chunked LM head (`token_logps`, 3 rows per chunk for 10 positions, the last chunk
+    /// short) against the whole log-softmax at once, as the forward was before: the values,
+    /// and the gradients of a random weighting `sum_i g_i log p_i` with respect to the hidden
+    /// states. Without a gradient the chunked values come back detached.
+    #[test]
+    fn chunked_lm_head_equals_the_whole_log_softmax() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::model::tiny::write_tiny_model(dir.path(), &Default::default(), 3).unwrap();
+        let loaded =
+            crate::model::load_model(dir.path(), None, Device::Cpu, Kind::Float).unwrap();
+        let model = &loaded.model;
+        tch::manual_seed(0);
+        let hidden_size = model.config().hidden_size;
+        let vocab = model.config().vocab_size;
+        let scored = Tensor::randn([10, hidden_size], (Kind::Float, Device::Cpu));
+        let targets = Tensor::randint(vocab, [10], (Kind::Int64, Device::Cpu));
+        let weights = Tensor::randn([10], (Kind::Float, Device::Cpu));
+
+        let leaf = scored.detach().set_requires_grad(true);
+        let whole = model
+            .logits_from_hidden(&leaf)
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &targets.unsqueeze(1), false)
+            .squeeze_dim(1);
+        (&whole * &weights).sum(Kind::Float).backward();
+        let whole_grad = leaf.grad();
+
+        let leaf = scored.detach().set_requires_grad(true);
+        let chunked = token_logps(model, &leaf, &targets, 3);
+        (&chunked * &weights).sum(Kind::Float).backward();
+        let max_diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
+        assert!(max_diff(&chunked, &whole) <= 1e-6, "values differ");
+        let scale = f64::try_from(whole_grad.abs().max()).unwrap();
+        assert!(max_diff(&leaf.grad(), &whole_grad) <= 1e-5 * scale, "gradients differ");
+
+        let no_grad = token_logps(model, &scored, &targets, 4);
+        assert!(!no_grad.requires_grad());
+        assert!(max_diff(&no_grad, &whole) <= 1e-6);
+        assert_eq!(token_logps(model, &scored.narrow(0, 0, 0), &targets, 3).size(), [0]);
     }
 
     /// One pair, prompt [10, 11], response a [12], response b [13, 14], padded to T = 4 as
