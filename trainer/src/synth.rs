@@ -22,6 +22,7 @@ pub mod easy_hard;
 pub mod independent;
 pub mod interference;
 pub mod length_bias;
+pub mod sft;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -125,6 +126,20 @@ pub fn score(scenario: Scenario, text: &str, k: usize) -> Vec<f64> {
         Scenario::Interference => interference::score(text, k),
         Scenario::LengthBias => length_bias::score(text, k),
     }
+}
+
+/// The lowest score each of the first `k` dimensions of `scenario` gives a response of its
+/// data: the fixed reference point of the generation fronts (`eval --generate`). Counts start
+/// at 0 (easy-hard's dimension 0 is 0 with the salient word); an `interference` dimension
+/// loses one for each contested word of its neighbour, which a response of the data holds at
+/// most twice (`interference::COUNT_PROBABILITIES`: 0, 1 or 2 occurrences), so its floor is -2.
+/// Generated text can go below it; a point below the reference adds no hypervolume.
+pub fn score_floor(scenario: Scenario, k: usize) -> Vec<f64> {
+    let floor = match scenario {
+        Scenario::Interference => -((interference::COUNT_PROBABILITIES.len() - 1) as f64),
+        Scenario::Independent | Scenario::EasyHard | Scenario::LengthBias => 0.0,
+    };
+    vec![floor; k]
 }
 
 /// How often `word` appears in `text` (whole words).
@@ -337,6 +352,18 @@ pub fn write(dir: &Path, spec: &SynthSpec) -> Result<SynthFiles> {
     write_tiny_model(&files.model_dir, &model_spec(), spec.seed as i64)
         .with_context(|| format!("writing the tiny model into {}", files.model_dir.display()))?;
     Ok(files)
+}
+
+/// The SFT warm start ([`sft`]) of the model [`write`] put in `files.model_dir`, on the train
+/// pairs of `spec` (regenerated: they are a pure function of it), for `steps` steps seeded by
+/// the spec's seed. Returns the loss of the first and the last step.
+pub fn warm_start(files: &SynthFiles, spec: &SynthSpec, steps: usize) -> Result<(f64, f64)> {
+    let (train, _) = generate(spec)?;
+    sft::warm_start(
+        &files.model_dir,
+        &train,
+        &sft::SftSpec::new(steps, spec.seed),
+    )
 }
 
 #[cfg(test)]

@@ -123,6 +123,34 @@ pub fn accuracy(outcomes: &[Option<bool>], bootstrap: &Bootstrap, stream: u64) -
     }
 }
 
+/// A mean with its percentile bootstrap interval.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MeanEstimate {
+    pub mean: f64,
+    /// `None` when the bootstrap is off.
+    pub interval: Option<[f64; 2]>,
+}
+
+/// The mean of `values` (at least one) with its percentile bootstrap interval, drawn as
+/// [`accuracy`] draws its own: `resamples` means of `n` values drawn with replacement, their
+/// `(1 -+ confidence) / 2` quantiles. The same `stream` over as many values resamples the same
+/// positions, so estimates over the same items (prompts) are paired.
+pub fn mean_estimate(values: &[f64], bootstrap: &Bootstrap, stream: u64) -> MeanEstimate {
+    assert!(!values.is_empty(), "the mean of no values");
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let interval = (bootstrap.resamples > 0).then(|| {
+        let mut rng = seeded_rng("eval-bootstrap-mean", bootstrap.seed, stream);
+        let mut means: Vec<f64> = (0..bootstrap.resamples)
+            .map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64)
+            .collect();
+        means.sort_by(f64::total_cmp);
+        let tail = (1.0 - bootstrap.confidence) / 2.0;
+        [quantile(&means, tail), quantile(&means, 1.0 - tail)]
+    });
+    MeanEstimate { mean, interval }
+}
+
 /// The `q` quantile of sorted values, interpolating linearly between order statistics (what
 /// numpy's default `percentile` does).
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -248,6 +276,27 @@ mod tests {
             (low - 0.552).abs() < 0.012 && (high - 0.648).abs() < 0.012,
             "{low} {high}"
         );
+    }
+
+    #[test]
+    fn mean_intervals_bracket_the_mean_and_collapse_on_constants() {
+        // 400 values alternating 0 and 2: mean 1, sd 1, so the 95% interval of the mean is
+        // about 1 +- 1.96 * 1 / sqrt(400) = [0.902, 1.098].
+        let values: Vec<f64> = (0..400).map(|i| 2.0 * (i % 2) as f64).collect();
+        let estimate = mean_estimate(&values, &Bootstrap::default(), 5);
+        assert_eq!(estimate.mean, 1.0);
+        let [low, high] = estimate.interval.unwrap();
+        assert!(
+            (low - 0.902).abs() < 0.02 && (high - 1.098).abs() < 0.02,
+            "{low} {high}"
+        );
+        let constant = mean_estimate(&[3.0; 7], &Bootstrap::default(), 1);
+        assert_eq!(constant.interval, Some([3.0, 3.0]));
+        let off = Bootstrap {
+            resamples: 0,
+            ..Bootstrap::default()
+        };
+        assert_eq!(mean_estimate(&[1.0, 2.0], &off, 1).interval, None);
     }
 
     #[test]

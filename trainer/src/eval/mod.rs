@@ -23,6 +23,7 @@
 //! - `report`: `results.json` and `results.md`; `plot`: the PNG figures.
 
 pub mod curves;
+pub mod generation;
 pub mod length;
 pub mod margins;
 pub mod metrics;

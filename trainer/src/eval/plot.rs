@@ -13,7 +13,7 @@ use plotters::style::FontStyle;
 use super::runs::Comparison;
 
 /// Line colours, one per run (matplotlib's first eight).
-const COLOURS: [RGBColor; 8] = [
+pub(super) const COLOURS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -24,7 +24,7 @@ const COLOURS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-const SIZE: (u32, u32) = (720, 480);
+pub(super) const SIZE: (u32, u32) = (720, 480);
 
 /// Registers the embedded font once per process as plotters' `sans-serif`.
 pub(super) fn register_font() -> Result<()> {
@@ -43,6 +43,11 @@ pub(super) fn register_font() -> Result<()> {
 /// `accuracy-<first>-<second>.png`, with any character other than letters, digits, `-` and
 /// `_` in a dimension name replaced by `_`.
 pub fn plot_file_name(first: &str, second: &str) -> String {
+    pair_file_name("accuracy", first, second)
+}
+
+/// `<what>-<first>-<second>.png`, the dimension names cleaned as [`plot_file_name`] says.
+pub fn pair_file_name(what: &str, first: &str, second: &str) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -54,7 +59,7 @@ pub fn plot_file_name(first: &str, second: &str) -> String {
             })
             .collect()
     };
-    format!("accuracy-{}-{}.png", clean(first), clean(second))
+    format!("{what}-{}-{}.png", clean(first), clean(second))
 }
 
 /// One figure per dimension pair, written into `out`; returns their paths.

@@ -129,18 +129,24 @@ fn check_comparable(setups: &[RunSetup]) -> Result<()> {
 
 /// Report labels: the method name, or `method (directory name)` for methods run twice.
 fn labels(setups: &[RunSetup]) -> Vec<String> {
-    let methods: Vec<String> = setups.iter().map(|s| method_name(&s.run.config)).collect();
-    let mut labels: Vec<String> = methods
+    let runs: Vec<(String, &Path)> = setups
         .iter()
-        .zip(setups)
-        .map(|(method, setup)| {
-            if methods.iter().filter(|m| *m == method).count() > 1 {
-                let dir = setup
-                    .run
-                    .dir
+        .map(|s| (method_name(&s.run.config), s.run.dir.as_path()))
+        .collect();
+    run_labels(&runs)
+}
+
+/// The labels of runs given as (method, directory): the method name, or `method (directory
+/// name)` for methods run twice, and `#n` after a label that would still repeat.
+pub(super) fn run_labels(runs: &[(String, &Path)]) -> Vec<String> {
+    let mut labels: Vec<String> = runs
+        .iter()
+        .map(|(method, dir)| {
+            if runs.iter().filter(|(m, _)| m == method).count() > 1 {
+                let dir = dir
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_else(|| setup.run.dir.display().to_string());
+                    .unwrap_or_else(|| dir.display().to_string());
                 format!("{method} ({dir})")
             } else {
                 method.clone()
@@ -155,7 +161,7 @@ fn labels(setups: &[RunSetup]) -> Vec<String> {
     labels
 }
 
-fn method_name(config: &RunConfig) -> String {
+pub(super) fn method_name(config: &RunConfig) -> String {
     serde_json::to_value(config.method.name)
         .ok()
         .and_then(|v| v.as_str().map(String::from))

@@ -1,5 +1,6 @@
 //! Autoregressive generation with a KV cache: greedy (temperature 0) or temperature + top-p
-//! (nucleus) sampling, as Hugging Face `generate` with `TopPLogitsWarper` does it.
+//! (nucleus) sampling, as Hugging Face `generate` with `TopPLogitsWarper` does it; one sequence,
+//! or several rows after one shared prompt (each row its own conditioning and sampling stream).
 
 use anyhow::{ensure, Result};
 use rand::{Rng, SeedableRng};
@@ -55,30 +56,65 @@ pub fn generate(
     cond: Conditioning,
     opts: &GenerateOptions,
 ) -> Result<Vec<u32>> {
+    let mut rows = generate_rows(model, prompt, cond, opts, &[opts.seed])?;
+    Ok(rows.remove(0))
+}
+
+/// Generates after one `prompt` for `seeds.len()` rows at once, with a KV cache: the rows share
+/// the prompt and differ in `cond` (e.g. `Conditioning::Weighted` with one weight vector per
+/// row, [rows, k]). Row r samples from its own stream seeded by `seeds[r]`, so what a row
+/// generates does not depend on the other rows of its batch. A row that has produced the
+/// end-of-sequence token is fed it again until every row has (what it generates after it is
+/// dropped). Returns each row's new tokens (its end-of-sequence token included).
+pub fn generate_rows(
+    model: &CausalLm,
+    prompt: &[u32],
+    cond: Conditioning,
+    opts: &GenerateOptions,
+    seeds: &[u64],
+) -> Result<Vec<Vec<u32>>> {
     ensure!(!prompt.is_empty(), "the prompt has no tokens");
+    ensure!(!seeds.is_empty(), "no row to generate");
     ensure!(
         opts.top_p > 0.0 && opts.top_p <= 1.0,
         "top_p {} is not in (0, 1]",
         opts.top_p
     );
+    let rows = seeds.len() as i64;
     let device = model.embedding_device();
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut rngs: Vec<ChaCha8Rng> = seeds
+        .iter()
+        .map(|&s| ChaCha8Rng::seed_from_u64(s))
+        .collect();
     let mut cache = KvCache::default();
     let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
-    let mut input = Tensor::from_slice(&ids).unsqueeze(0).to_device(device); // [1, t]
-    let mut out = Vec::new();
+    let mut input = Tensor::from_slice(&ids)
+        .unsqueeze(0)
+        .expand([rows, ids.len() as i64], false)
+        .contiguous()
+        .to_device(device); // [rows, t]
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); seeds.len()];
+    let mut done = vec![false; seeds.len()];
     let _guard = tch::no_grad_guard();
-    while out.len() < opts.max_new_tokens {
-        let logits = model.forward_cached(&input, &mut cache, cond); // [1, t, vocab]
-        let last = logits.select(0, 0).select(0, -1).to_kind(Kind::Float); // [vocab]
-        let next = pick(&last, opts, &mut rng)?;
-        out.push(next);
-        if Some(next) == opts.eos_token_id {
+    for _ in 0..opts.max_new_tokens {
+        let logits = model.forward_cached(&input, &mut cache, cond); // [rows, t, vocab]
+        let last = logits.select(1, -1).to_kind(Kind::Float); // [rows, vocab]
+        let mut next = Vec::with_capacity(seeds.len());
+        for (r, rng) in rngs.iter_mut().enumerate() {
+            let token = if done[r] {
+                opts.eos_token_id.unwrap_or(0)
+            } else {
+                let token = pick(&last.get(r as i64), opts, rng)?;
+                out[r].push(token);
+                done[r] = Some(token) == opts.eos_token_id;
+                token
+            };
+            next.push(i64::from(token));
+        }
+        if done.iter().all(|&d| d) {
             break;
         }
-        input = Tensor::from_slice(&[i64::from(next)])
-            .unsqueeze(0)
-            .to_device(device);
+        input = Tensor::from_slice(&next).unsqueeze(1).to_device(device); // [rows, 1]
     }
     Ok(out)
 }

@@ -14,6 +14,7 @@
 //! non-empty directory is never written into: without `force` the demo refuses, with it the
 //! old directory is renamed aside (`<dir>.old-<UTC time>`) first, so nothing is lost.
 
+pub mod generation;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{Scenario, SynthFiles, SynthSpec};
 use crate::config::RunConfig;
+use crate::eval::generation::{self as gen, Decoding, GenerationComparison, GenerationOptions};
 use crate::eval::{self, report::Written, Bootstrap, CompareOptions, Comparison};
 use crate::method::stages;
 use crate::train::{train, Cluster, TrainOptions};
@@ -108,6 +110,8 @@ pub struct SeedOutputs {
     pub runs: Vec<PathBuf>,
     pub comparison: Comparison,
     pub written: Written,
+    /// What the runs generate at each w (`<seed>/eval-generate/`).
+    pub generation: GenerationComparison,
     /// Wall seconds of the synth, each training run, and the evaluation.
     pub seconds: Vec<(String, f64)>,
     /// What each run trained with, in run order.
@@ -156,7 +160,18 @@ struct DemoSettings {
     first_seed: u64,
     seeds: usize,
     compute: Compute,
+    /// Held-out prompts each run answers at every w (`[demo] generate_prompts`, default
+    /// [`GENERATE_PROMPTS`]).
+    generate_prompts: usize,
+    /// `[demo] sft_steps` (default 0): the SFT warm start of each seed's tiny model.
+    sft_steps: usize,
 }
+
+/// Prompts of the generation table when the config does not say: few, so the demo stays short.
+pub const GENERATE_PROMPTS: usize = 12;
+/// Most new tokens of a demo answer: the synthetic responses are at most 13 words (about 80
+/// bytes of the byte-level tokenizer).
+const GENERATE_TOKENS: usize = 96;
 
 impl DemoSettings {
     fn new(table: &toml::Table, options: &DemoOptions) -> Result<DemoSettings> {
@@ -201,7 +216,18 @@ impl DemoSettings {
                 Some(c) => c,
                 None => text("compute")?.parse().context("demo.compute")?,
             },
+            generate_prompts: match demo.get("generate_prompts") {
+                None => GENERATE_PROMPTS,
+                Some(_) => int("generate_prompts")?,
+            },
+            sft_steps: match demo.get("sft_steps") {
+                None => 0,
+                Some(_) => int("sft_steps")?,
+            },
         };
+        if settings.generate_prompts == 0 {
+            bail!("demo.generate_prompts: need at least one prompt");
+        }
         if settings.seeds == 0 {
             bail!("demo.seeds: need at least one seed");
         }
@@ -363,7 +389,7 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
         for seed in (0..settings.seeds as u64).map(|i| settings.first_seed + i) {
             let dir = out.join(scenario.name()).join(format!("seed-{seed}"));
             let spec = settings.spec(scenario, seed);
-            let outputs = run_seed(&table, &spec, &dir, settings.budget(), options.max_steps)
+            let outputs = run_seed(&table, &spec, &dir, &settings, options.max_steps)
                 .with_context(|| format!("scenario {}, seed {seed}", scenario.name()))?;
             seeds.push(outputs);
         }
@@ -386,15 +412,31 @@ pub fn run(options: &DemoOptions) -> Result<DemoOutputs> {
     let mut md = String::from(
         "# Demo: implicit-reward accuracy on held-out conflict pairs, per scenario and seed\n\n",
     );
-    for summary in &summaries {
+    let mut generation_json = Vec::new();
+    for (summary, scenario) in summaries.iter().zip(&scenarios) {
         md.push_str(&summary.markdown(&compute_rule));
         md.push('\n');
+        let seeds: Vec<(u64, &GenerationComparison)> = scenario
+            .seeds
+            .iter()
+            .map(|s| (s.seed, &s.generation))
+            .collect();
+        md.push_str(&generation::markdown(&seeds));
+        md.push('\n');
+        generation_json.push(serde_json::json!({
+            "scenario": scenario.scenario.name(),
+            "runs": generation::to_json(&seeds),
+        }));
     }
     let summary_md = out.join("summary.md");
     let summary_json = out.join("summary.json");
     std::fs::write(&summary_md, &md)
         .with_context(|| format!("cannot write {}", summary_md.display()))?;
-    let json = serde_json::json!({ "compute": compute_rule, "scenarios": summaries });
+    let json = serde_json::json!({
+        "compute": compute_rule,
+        "scenarios": summaries,
+        "generation": generation_json,
+    });
     std::fs::write(&summary_json, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("cannot write {}", summary_json.display()))?;
     Ok(DemoOutputs {
@@ -412,12 +454,21 @@ fn run_seed(
     table: &toml::Table,
     spec: &SynthSpec,
     dir: &Path,
-    pair_passes: Option<usize>,
+    settings: &DemoSettings,
     max_steps: Option<usize>,
 ) -> Result<SeedOutputs> {
+    let pair_passes = settings.budget();
     let mut seconds = Vec::new();
     let started = Instant::now();
     let synth = super::write(&dir.join("data"), spec).context("generating the synthetic data")?;
+    if settings.sft_steps > 0 {
+        let (first, last) = super::warm_start(&synth, spec, settings.sft_steps)
+            .context("warm-starting the tiny model")?;
+        tracing::info!(
+            "SFT warm start, {} steps: loss {first:.3} -> {last:.3}",
+            settings.sft_steps
+        );
+    }
     seconds.push(("synth".to_string(), started.elapsed().as_secs_f64()));
     tracing::info!(
         "{} seed {}: {} train pairs ({} conflict), {} eval pairs ({} conflict), dimensions {}",
@@ -476,6 +527,9 @@ fn run_seed(
     let (comparison, written) =
         eval::evaluate_runs(&compare, &dir.join("eval"), false).context("evaluating the runs")?;
     seconds.push(("eval".to_string(), started.elapsed().as_secs_f64()));
+    let started = Instant::now();
+    let generation = generate_and_score(&runs, spec, &synth, settings.generate_prompts, dir)?;
+    seconds.push(("generate".to_string(), started.elapsed().as_secs_f64()));
     Ok(SeedOutputs {
         seed: spec.seed,
         dir: dir.to_path_buf(),
@@ -484,9 +538,40 @@ fn run_seed(
         runs,
         comparison,
         written,
+        generation,
         seconds,
         compute,
     })
+}
+
+/// `eval --generate` on the seed's runs: greedy answers to `prompts` held-out prompts at the
+/// paper's grid, scored by the scenario's rule, written into `<dir>/eval-generate/`.
+fn generate_and_score(
+    runs: &[PathBuf],
+    spec: &SynthSpec,
+    synth: &SynthFiles,
+    prompts: usize,
+    dir: &Path,
+) -> Result<GenerationComparison> {
+    let scorer = gen::Scorer::synthetic(spec.scenario, &synth.dimensions)?;
+    let options = GenerationOptions {
+        runs: runs.to_vec(),
+        prompts: prompts.min(spec.eval_pairs),
+        grid: None,
+        decoding: Decoding {
+            max_new_tokens: GENERATE_TOKENS,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        device: None,
+        dtype: None,
+        bootstrap: Bootstrap::default(),
+    };
+    let comparison = gen::compare_generations(&options, &scorer)
+        .context("generating from the runs (eval --generate)")?;
+    gen::report::write(&comparison, &dir.join("eval-generate"), false)?;
+    Ok(comparison)
 }
 
 /// The steps and pair-passes of a finished run whose stages took `steps` optimizer steps each.

@@ -160,6 +160,41 @@ pub struct EvalArgs {
     /// Seed of the bootstrap.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Evaluate what the runs generate at each w instead (fronts, hypervolume,
+    /// controllability); needs --scenario or --reward-model. Default --out `<first run>/eval-generate`.
+    #[arg(long)]
+    pub generate: bool,
+    /// With --generate: held-out prompts to answer (the first distinct ones of the eval split).
+    #[arg(long, default_value_t = 50, requires = "generate")]
+    pub prompts: usize,
+    /// With --generate: points of the simplex between the two vertices (k = 2 runs) instead
+    /// of the paper's 5 per dimension pair.
+    #[arg(long, value_name = "N", requires = "generate")]
+    pub grid: Option<usize>,
+    /// With --generate: score answers with this synthetic scenario's exact rule (runs trained
+    /// on its data).
+    #[arg(
+        long,
+        value_enum,
+        requires = "generate",
+        conflicts_with = "reward_model"
+    )]
+    pub scenario: Option<Scenario>,
+    /// With --generate: score answers with the reward model of `train-rm` in this directory.
+    #[arg(long, value_name = "DIR", requires = "generate")]
+    pub reward_model: Option<PathBuf>,
+    /// With --generate: most new tokens per answer.
+    #[arg(long, default_value_t = 128, requires = "generate")]
+    pub max_new_tokens: usize,
+    /// With --generate: sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0, requires = "generate")]
+    pub temperature: f64,
+    /// With --generate: nucleus sampling's probability mass.
+    #[arg(long, default_value_t = 1.0, requires = "generate")]
+    pub top_p: f64,
+    /// With --generate: seed of the sampling (each prompt and w draws its own stream).
+    #[arg(long, default_value_t = 0, requires = "generate")]
+    pub sampling_seed: u64,
 }
 
 #[derive(Args)]
@@ -202,6 +237,10 @@ pub struct SynthArgs {
     /// Seed of the pairs and of the tiny model's weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Steps of supervised warm start of the tiny model on the train responses, so that it
+    /// answers in the data's words (for `eval --generate`); 0: the random model.
+    #[arg(long, default_value_t = 0)]
+    pub sft_steps: usize,
 }
 
 #[derive(Args)]

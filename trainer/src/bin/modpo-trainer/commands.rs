@@ -173,6 +173,13 @@ pub fn synth(args: &SynthArgs) -> Result<()> {
         seed: args.seed,
     };
     let files = modpo_trainer::synth::write(out, spec)?;
+    if args.sft_steps > 0 {
+        let (first, last) = modpo_trainer::synth::warm_start(&files, spec, args.sft_steps)?;
+        println!(
+            "model warm-started: {} SFT steps, loss {first:.3} -> {last:.3} nats per response token",
+            args.sft_steps
+        );
+    }
     println!(
         "{} train pairs ({} conflict): {}\n{} eval pairs ({} conflict): {}\nmodel: {}",
         spec.pairs,

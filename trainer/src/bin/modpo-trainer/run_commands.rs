@@ -87,6 +87,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 
 pub fn eval(args: EvalArgs) -> Result<()> {
     use modpo_trainer::eval::{self, Bootstrap, CompareOptions};
+    if args.generate {
+        return eval_generate(args);
+    }
     let out = args.out.unwrap_or_else(|| args.runs[0].join("eval"));
     let options = CompareOptions {
         runs: args.runs,
@@ -118,6 +121,61 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         "{} settings on {} conflict pairs: {}, {} and {} plot(s) in {}",
         comparison.settings.len(),
         comparison.conflict_pairs,
+        written.results_json.display(),
+        written.results_md.display(),
+        written.plots.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `eval --generate`: what the runs generate at each w, scored by the scenario's rule or a
+/// reward model.
+fn eval_generate(args: EvalArgs) -> Result<()> {
+    use modpo_trainer::eval::generation::{self, Decoding, GenerationOptions, Scorer};
+    use modpo_trainer::eval::Bootstrap;
+    let out = args
+        .out
+        .unwrap_or_else(|| args.runs[0].join("eval-generate"));
+    if out.join(modpo_trainer::eval::report::RESULTS_JSON).exists() && !args.force {
+        bail!(
+            "{} already holds evaluation results: choose another --out or pass --force to \
+             replace them",
+            out.display()
+        );
+    }
+    let dimensions = saved_run::read_run(&args.runs[0])?.meta.dimensions;
+    let scorer = match (args.scenario, &args.reward_model) {
+        (Some(scenario), None) => Scorer::synthetic(scenario, &dimensions)?,
+        _ => bail!("--generate needs --scenario NAME (synthetic runs) or --reward-model DIR"),
+    };
+    let options = GenerationOptions {
+        runs: args.runs,
+        prompts: args.prompts,
+        grid: args.grid,
+        decoding: Decoding {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.sampling_seed,
+        },
+        device: args.device,
+        dtype: args.dtype,
+        bootstrap: Bootstrap {
+            resamples: args.bootstrap,
+            seed: args.seed,
+            ..Bootstrap::default()
+        },
+    };
+    let comparison = generation::compare_generations(&options, &scorer)?;
+    let written = generation::report::write(&comparison, &out, args.force)?;
+    print!("{}", generation::report::summary_table(&comparison));
+    println!();
+    print!("{}", generation::report::vertex_gap_table(&comparison));
+    println!(
+        "{} prompts at {} weight vectors: {}, {} and {} plot(s) in {}",
+        comparison.prompts,
+        comparison.weights.len(),
         written.results_json.display(),
         written.results_md.display(),
         written.plots.len(),
