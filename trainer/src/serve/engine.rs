@@ -13,7 +13,7 @@
 //! bits depend on their row count (measured with libtorch on CPU: a row of `x W^T` differs by
 //! ~1e-5 between 1, 3 and 16 rows, and not at all between positions of a fixed row count).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use rand::SeedableRng;
@@ -67,7 +67,16 @@ pub struct EngineHandle {
     jobs: mpsc::Sender<Job>,
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
+    counters: Arc<StepCounters>,
     max_queue: usize,
+}
+
+/// What the engine has done since it started: decoding steps and the sequences they advanced
+/// (their ratio is the mean batch occupancy).
+#[derive(Debug, Default)]
+pub struct StepCounters {
+    pub steps: AtomicU64,
+    pub rows: AtomicU64,
 }
 
 /// The queue is full: `waiting` jobs wait, at most `max_queue` may.
@@ -108,6 +117,15 @@ impl EngineHandle {
     /// Sequences being decoded.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::SeqCst)
+    }
+
+    /// Decoding steps so far, and the sequences they advanced.
+    pub fn steps_and_rows(&self) -> (u64, u64) {
+        let c = &self.counters;
+        (
+            c.steps.load(Ordering::SeqCst),
+            c.rows.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -156,6 +174,7 @@ pub struct Engine {
     jobs: mpsc::Receiver<Job>,
     waiting: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
+    counters: Arc<StepCounters>,
 }
 
 impl Engine {
@@ -164,6 +183,7 @@ impl Engine {
         let (sender, receiver) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
+        let counters = Arc::new(StepCounters::default());
         let device = model.model.embedding_device();
         let engine = Engine {
             model,
@@ -173,11 +193,13 @@ impl Engine {
             jobs: receiver,
             waiting: waiting.clone(),
             running: running.clone(),
+            counters: counters.clone(),
         };
         let handle = EngineHandle {
             jobs: sender,
             waiting,
             running,
+            counters,
             max_queue,
         };
         (engine, handle)
@@ -294,6 +316,9 @@ impl Engine {
             .view([tokens.len() as i64, 1])
             .to_device(self.device); // [rows, 1]
         let cond = self.conditioning(&weights);
+        let advanced = active.iter().filter(|&&a| a).count() as u64;
+        self.counters.steps.fetch_add(1, Ordering::SeqCst);
+        self.counters.rows.fetch_add(advanced, Ordering::SeqCst);
         let logits = self
             .model
             .model

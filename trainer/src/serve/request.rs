@@ -57,10 +57,15 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// The fields both endpoints share.
+/// The body of both endpoints: `messages` for chat, `prompt` for completions. One struct, not
+/// a shared part flattened into two, so a type error's path names the field.
 #[derive(Debug, Clone, Deserialize)]
-pub struct Sampling {
+pub struct RequestBody {
     pub model: String,
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    #[serde(default)]
+    pub prompt: Option<OneOrMany>,
     #[serde(default)]
     pub max_tokens: Option<usize>,
     /// The newer name of `max_tokens` (chat).
@@ -83,20 +88,6 @@ pub struct Sampling {
     /// modpo's extension: one weight per preference dimension, on the simplex.
     #[serde(default)]
     pub preference_weights: Option<Vec<f64>>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<Message>,
-    #[serde(flatten)]
-    pub sampling: Sampling,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct CompletionRequest {
-    pub prompt: OneOrMany,
-    #[serde(flatten)]
-    pub sampling: Sampling,
 }
 
 /// A checked request: what the engine runs, `n` times.
@@ -129,8 +120,17 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
+/// The request must name the served model, as OpenAI's API does.
+pub fn check_model(served: &ServedModel, body: &RequestBody) -> Result<(), ApiError> {
+    if body.model != served.name {
+        return Err(ApiError::model_not_found(&body.model));
+    }
+    Ok(())
+}
+
 /// The messages rendered with the model's chat template, the assistant turn opened.
-pub fn chat_prompt(served: &ServedModel, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
+pub fn chat_prompt(served: &ServedModel, body: &RequestBody) -> Result<Vec<u32>, ApiError> {
+    let messages = body.messages.as_deref().unwrap_or_default();
     if messages.is_empty() {
         return Err(ApiError::invalid(
             Some("messages"),
@@ -170,7 +170,13 @@ pub fn chat_prompt(served: &ServedModel, messages: &[Message]) -> Result<Vec<u32
 }
 
 /// The raw-text prompt of `/v1/completions` (no template, no special tokens added).
-pub fn completion_prompt(served: &ServedModel, prompt: OneOrMany) -> Result<Vec<u32>, ApiError> {
+pub fn completion_prompt(served: &ServedModel, body: &RequestBody) -> Result<Vec<u32>, ApiError> {
+    let Some(prompt) = body.prompt.clone() else {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "`prompt` is missing".into(),
+        ));
+    };
     let prompts = prompt.into_vec();
     let [text] = prompts.as_slice() else {
         return Err(ApiError::invalid(
@@ -191,13 +197,10 @@ pub fn completion_prompt(served: &ServedModel, prompt: OneOrMany) -> Result<Vec<
 /// `prompt_field`) and assembles the generation.
 pub fn check(
     served: &ServedModel,
-    sampling: Sampling,
+    body: RequestBody,
     prompt: Vec<u32>,
     prompt_field: &str,
 ) -> Result<Generation, ApiError> {
-    if sampling.model != served.name {
-        return Err(ApiError::model_not_found(&sampling.model));
-    }
     let context = served.context_length;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
@@ -216,7 +219,7 @@ pub fn check(
         ));
     }
     let room = context - prompt.len();
-    let (max_field, max_tokens) = match (sampling.max_completion_tokens, sampling.max_tokens) {
+    let (max_field, max_tokens) = match (body.max_completion_tokens, body.max_tokens) {
         (Some(m), _) => ("max_completion_tokens", Some(m)),
         (None, m) => ("max_tokens", m),
     };
@@ -240,9 +243,9 @@ pub fn check(
         }
         Some(m) => m,
     };
-    let (temperature, top_p) = check_sampling(&sampling)?;
-    let weights = check_weights(served, sampling.preference_weights)?;
-    let n = sampling.n.unwrap_or(1);
+    let (temperature, top_p) = check_sampling(&body)?;
+    let weights = check_weights(served, body.preference_weights)?;
+    let n = body.n.unwrap_or(1);
     if n == 0 || n > served.max_batch {
         return Err(ApiError::invalid(
             Some("n"),
@@ -252,7 +255,7 @@ pub fn check(
             ),
         ));
     }
-    let stops = sampling.stop.map(OneOrMany::into_vec).unwrap_or_default();
+    let stops = body.stop.map(OneOrMany::into_vec).unwrap_or_default();
     if stops.len() > MAX_STOPS {
         return Err(ApiError::invalid(
             Some("stop"),
@@ -266,13 +269,13 @@ pub fn check(
             max_new_tokens,
             temperature,
             top_p,
-            seed: sampling.seed.unwrap_or_else(fresh_seed),
+            seed: body.seed.unwrap_or_else(fresh_seed),
             eos_token_id: Some(served.tokenizer.eos_token_id()),
         },
         n,
         stops,
-        stream: sampling.stream,
-        include_usage: sampling.stream_options.is_some_and(|o| o.include_usage),
+        stream: body.stream,
+        include_usage: body.stream_options.is_some_and(|o| o.include_usage),
     })
 }
 
@@ -298,15 +301,15 @@ fn check_weights(served: &ServedModel, given: Option<Vec<f64>>) -> Result<Vec<f6
 }
 
 /// `temperature` in [0, 2] (default 1, as OpenAI) and `top_p` in (0, 1].
-fn check_sampling(sampling: &Sampling) -> Result<(f64, f64), ApiError> {
-    let temperature = sampling.temperature.unwrap_or(1.0);
+fn check_sampling(body: &RequestBody) -> Result<(f64, f64), ApiError> {
+    let temperature = body.temperature.unwrap_or(1.0);
     if !(0.0..=MAX_TEMPERATURE).contains(&temperature) {
         return Err(ApiError::invalid(
             Some("temperature"),
             format!("`temperature` is {temperature}: it must be between 0 and {MAX_TEMPERATURE}"),
         ));
     }
-    let top_p = sampling.top_p.unwrap_or(1.0);
+    let top_p = body.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(
             Some("top_p"),

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::engine::{EngineHandle, Event, Finish, Job};
 use super::error::ApiError;
-use super::request::{self, ChatRequest, CompletionRequest, Generation};
+use super::request::{self, Generation, RequestBody};
 use super::text::ChoiceText;
 use super::ServedModel;
 
@@ -46,10 +46,13 @@ pub fn router(state: Shared) -> Router {
 }
 
 async fn health(State(state): State<Shared>) -> Json<Value> {
+    let (steps, rows) = state.engine.steps_and_rows();
     Json(json!({
         "status": "ok",
         "running": state.engine.running(),
         "waiting": state.engine.waiting(),
+        "decode_steps": steps,
+        "decoded_rows": rows,
     }))
 }
 
@@ -125,17 +128,19 @@ impl Flavor {
 }
 
 async fn chat(State(state): State<Shared>, body: Bytes) -> Response {
-    let generation = request::parse_body::<ChatRequest>(&body).and_then(|r| {
-        let prompt = request::chat_prompt(&state.served, &r.messages)?;
-        request::check(&state.served, r.sampling, prompt, "messages")
+    let generation = request::parse_body::<RequestBody>(&body).and_then(|r| {
+        request::check_model(&state.served, &r)?;
+        let prompt = request::chat_prompt(&state.served, &r)?;
+        request::check(&state.served, r, prompt, "messages")
     });
     respond(state, generation, Flavor::Chat).await
 }
 
 async fn completions(State(state): State<Shared>, body: Bytes) -> Response {
-    let generation = request::parse_body::<CompletionRequest>(&body).and_then(|r| {
-        let prompt = request::completion_prompt(&state.served, r.prompt)?;
-        request::check(&state.served, r.sampling, prompt, "prompt")
+    let generation = request::parse_body::<RequestBody>(&body).and_then(|r| {
+        request::check_model(&state.served, &r)?;
+        let prompt = request::completion_prompt(&state.served, &r)?;
+        request::check(&state.served, r, prompt, "prompt")
     });
     respond(state, generation, Flavor::Completion).await
 }
