@@ -7,7 +7,8 @@ SHELL := /bin/bash
 VENV        := $(CURDIR)/.venv
 PYTHON      := $(VENV)/bin/python
 GOLDEN_DIR  := $(CURDIR)/tests/golden/out
-APT_PACKAGES := libopenmpi-dev openmpi-bin libclang-dev
+# chromium: the playground test (trainer/tests/serve.rs) drives Debian's headless Chromium.
+APT_PACKAGES := libopenmpi-dev openmpi-bin libclang-dev chromium
 
 # tch finds libtorch in the venv's torch (BUILD-NOTES.md); the build script bakes in an rpath
 # to it, so the binary runs without LD_LIBRARY_PATH.
@@ -18,7 +19,7 @@ export MODPO_GOLDEN_DIR := $(GOLDEN_DIR)
 CARGO_FLAGS := --release --workspace
 BIN := target/release/modpo-trainer
 
-.PHONY: all setup system-packages venv build golden test demo bench crash-test fmt clippy clean help
+.PHONY: all setup system-packages node-packages venv build golden test demo bench crash-test fmt clippy clean help
 
 all: build
 
@@ -39,6 +40,19 @@ system-packages:
 	  $$SUDO apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES); \
 	fi
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "installing nodejs and npm from Debian"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm; \
+	fi
+
+# Playwright (playwright-core, pinned in tests/serve/package-lock.json) for the playground test;
+# it drives the system Chromium, so it downloads no browser. Re-installed when the lock changes.
+node-packages: tests/serve/node_modules/.package-lock.json
+tests/serve/node_modules/.package-lock.json: tests/serve/package-lock.json | system-packages
+	cd tests/serve && npm ci --no-audit --no-fund
+	@touch $@
 
 # Re-installs only when requirements.txt changes.
 venv: $(VENV)/.requirements.stamp
@@ -80,7 +94,7 @@ $(GOLDEN_DIR)/.stamp: $(wildcard tests/golden/*.py) requirements.txt | venv buil
 
 # The summary names the tests that failed or skipped (tools/summarize_tests.sh), even when
 # cargo test failed; --no-fail-fast runs every test binary, so it names all of them.
-test: setup golden
+test: setup golden node-packages
 	@mkdir -p target && : > $(SKIP_LOG)
 	status=0; MODPO_SKIP_LOG=$(SKIP_LOG) cargo test $(CARGO_FLAGS) --no-fail-fast 2>&1 | tee target/test.log \
 	  || status=$$?; \
