@@ -20,6 +20,7 @@ pub mod optim;
 pub mod paths;
 pub mod rank_allocation;
 pub mod reference;
+pub mod reward_model;
 pub mod saved_run;
 pub mod serve;
 pub mod step;

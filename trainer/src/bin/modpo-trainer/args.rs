@@ -38,6 +38,14 @@ pub struct TrainArgs {
 }
 
 #[derive(Args)]
+pub struct TrainRmArgs {
+    /// The reward model config (TOML: [model], [data], [train] as for `train`, and
+    /// [reward_model]); see configs/reward_model/.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+#[derive(Args)]
 pub struct ImportGgufArgs {
     /// The GGUF file.
     pub file: PathBuf,

@@ -14,7 +14,7 @@ use modpo_trainer::tokenizer::{ChatMessage, ChatTokenizer};
 use modpo_trainer::train::{Cluster, TrainOptions};
 
 use crate::args::{
-    BenchArgs, DemoArgs, ImportGgufArgs, InfoArgs, SynthArgs, TinyModelArgs, TrainArgs,
+    BenchArgs, DemoArgs, ImportGgufArgs, InfoArgs, SynthArgs, TinyModelArgs, TrainArgs, TrainRmArgs,
 };
 
 pub fn info(args: &InfoArgs) -> Result<()> {
@@ -138,6 +138,32 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             summary.steps,
             summary.last_stage + 1
         );
+    }
+    Ok(())
+}
+
+/// `train-rm`, one process per rank as `train`.
+pub fn train_rm(args: &TrainRmArgs) -> Result<()> {
+    use modpo_trainer::reward_model::{config::RewardModelConfig, train};
+    let config = RewardModelConfig::load(&args.config)?;
+    let text = std::fs::read_to_string(&args.config)?;
+    let topology = Topology::from_env()?;
+    let device = model::select_device(config.model.device, topology.local_rank)?;
+    let (topology, collective) =
+        modpo_launcher::init(config.train.collective_choice()?, device.is_cuda())?;
+    let cluster = Cluster {
+        topology,
+        collective: collective.as_ref(),
+    };
+    let run = || train::train_reward_model(&config, &text, &cluster);
+    let summary = if topology.world_size == 1 {
+        run()?
+    } else {
+        run_or_abort(collective.as_ref(), run)
+    };
+    if topology.is_main() {
+        print!("{}", train::accuracy_markdown(&summary));
+        println!("reward model: {}", summary.run_dir.display());
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use modpo_launcher::Topology;
 
 use args::{
     BenchArgs, CurvesArgs, DemoArgs, EvalArgs, ExportArgs, GenerateArgs, ImportGgufArgs, InfoArgs,
-    SynthArgs, TinyModelArgs, TrainArgs,
+    SynthArgs, TinyModelArgs, TrainArgs, TrainRmArgs,
 };
 
 #[derive(Parser)]
@@ -33,6 +33,10 @@ enum Command {
     Info(InfoArgs),
     /// Train every stage of the configured method.
     Train(TrainArgs),
+    /// Train a reward model with one scalar head per dimension (Bradley-Terry loss per
+    /// dimension, LoRA on the base or a frozen base) on a run config's data, for scoring
+    /// generated answers (`eval --generate --reward-model DIR`).
+    TrainRm(TrainRmArgs),
     /// Convert a Llama GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1) into a Hugging Face directory.
     ImportGguf(ImportGgufArgs),
     /// Answer one prompt (rendered through the chat template) with a KV cache.
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Info(args) => commands::info(&args),
         Command::Train(args) => commands::train(&args),
+        Command::TrainRm(args) => commands::train_rm(&args),
         Command::TinyModel(args) => commands::tiny_model(&args),
         Command::ImportGguf(args) => commands::import_gguf(&args),
         Command::Generate(args) => run_commands::generate(&args),

@@ -147,6 +147,12 @@ fn eval_generate(args: EvalArgs) -> Result<()> {
     let dimensions = saved_run::read_run(&args.runs[0])?.meta.dimensions;
     let scorer = match (args.scenario, &args.reward_model) {
         (Some(scenario), None) => Scorer::synthetic(scenario, &dimensions)?,
+        (None, Some(dir)) => {
+            let device = model::select_device(args.device.unwrap_or_default(), 0)?;
+            let kind = model::select_kind(args.dtype.unwrap_or(DtypeChoice::Auto), device);
+            let rm = modpo_trainer::reward_model::RewardModel::load(dir, device, kind)?;
+            Scorer::RewardModel(Box::new(rm))
+        }
         _ => bail!("--generate needs --scenario NAME (synthetic runs) or --reward-model DIR"),
     };
     let options = GenerationOptions {

@@ -535,3 +535,93 @@ pub fn compare_generations(
         runs: results,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grid_of_n_points_runs_from_one_vertex_to_the_other() {
+        let grid = generation_settings(2, Some(3)).unwrap();
+        let weights: Vec<Vec<f64>> = grid.iter().map(|s| s.weights.clone()).collect();
+        assert_eq!(
+            weights,
+            vec![vec![1.0, 0.0], vec![0.5, 0.5], vec![0.0, 1.0]]
+        );
+        assert_eq!(generation_settings(5, None).unwrap().len(), 50);
+        let err = generation_settings(3, Some(4)).unwrap_err().to_string();
+        assert!(err.contains("--grid") && err.contains("have 3"), "{err}");
+        assert!(generation_settings(2, Some(1)).is_err());
+    }
+
+    /// The paper's k = 2 grid, w_0 = 1, .75, .5, .25, 0, one prompt, scores (3, 0), (2, 1),
+    /// (2, 1), (1, 2), (0, 3) above the reference (0, 0).
+    /// - Hypervolume: (3, 0) and (0, 3) are not above the reference; (2, 1) adds 2 x 1 and
+    ///   (1, 2) the strip 1 x (2 - 1): 3.
+    /// - Spearman of w_0 (ranks 5..1) with s_0 (3, 2, 2, 1, 0: ranks 5, 3.5, 3.5, 2, 1):
+    ///   centred (2, 1, 0, -1, -2) and (2, .5, .5, -1, -2), sum xy = 9.5, sum xx = 10,
+    ///   sum yy = 9.5, rho = 9.5 / sqrt(95); the same for dimension 1 by symmetry.
+    /// - Steps: along w_0 rising, s_0 goes 0, 1, 2, 2, 3: 3 of 4 steps follow; likewise s_1
+    ///   as w_1 falls; 6 of 8 in all.
+    /// - Vertex gaps: s_0 at 1_0 minus at 1_1 = 3 - 0 = 3; s_1 at 1_1 minus at 1_0 = 3.
+    #[test]
+    fn summaries_of_a_hand_made_grid() {
+        let settings = paper_settings(2);
+        let (weights, _) = distinct_weights(&settings);
+        let scores = [[3.0, 0.0], [2.0, 1.0], [2.0, 1.0], [1.0, 2.0], [0.0, 3.0]];
+        let measured = Measured {
+            scores: scores.iter().map(|s| vec![s.to_vec()]).collect(),
+            lengths: vec![vec![4.0]; 5],
+        };
+        let off = Bootstrap {
+            resamples: 0,
+            ..Bootstrap::default()
+        };
+        let (points, fronts, control, gaps) =
+            summarise(&measured, &settings, &weights, &[0.0, 0.0], &off);
+        assert_eq!(points.len(), 5);
+        assert_eq!(points[1].scores[0].mean, 2.0);
+        assert_eq!(points[1].length.mean, 4.0);
+        assert_eq!(fronts.len(), 1);
+        assert_eq!(fronts[0].hypervolume, 3.0);
+        assert_eq!(fronts[0].first_weights, vec![1.0, 0.75, 0.5, 0.25, 0.0]);
+        // (2, 1) appears twice: the first is kept.
+        assert_eq!(fronts[0].front, vec![4, 3, 1, 0]);
+        let rho = 9.5 / 95f64.sqrt();
+        for s in &control.spearman {
+            assert!((s.unwrap() - rho).abs() < 1e-12, "{s:?}");
+        }
+        assert_eq!(control.following, vec![[3, 4], [3, 4]]);
+        assert_eq!(control.share, Some(0.75));
+        assert_eq!(gaps.len(), 2);
+        assert_eq!(
+            (gaps[0].dimension, gaps[0].against, gaps[0].gap.mean),
+            (0, 1, 3.0)
+        );
+        assert_eq!(
+            (gaps[1].dimension, gaps[1].against, gaps[1].gap.mean),
+            (1, 0, 3.0)
+        );
+    }
+
+    #[test]
+    fn a_scenario_scores_only_runs_on_its_dimensions() {
+        let dims = ["harmless".to_string(), "helpful".to_string()];
+        let scorer = Scorer::synthetic(crate::synth::Scenario::EasyHard, &dims).unwrap();
+        // The data's rule: "weapon" makes harmless 0; helpful counts its group's words.
+        let answers = [Answer {
+            ids: vec![],
+            text: "first weapon steps guide".into(),
+        }];
+        assert_eq!(scorer.score(&[], &answers).unwrap(), vec![vec![0.0, 2.0]]);
+        assert_eq!(scorer.reference_point(), vec![0.0, 0.0]);
+        let err = Scorer::synthetic(crate::synth::Scenario::Independent, &dims)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("independent") && err.contains("harmless"),
+            "{err}"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Result};
 
+use crate::reward_model::RewardModel;
 use crate::synth::{self, Scenario};
 
 /// One generated answer.
@@ -23,6 +24,8 @@ pub enum Scorer {
         scenario: Scenario,
         dimensions: Vec<String>,
     },
+    /// A reward model trained by `train-rm`: one scalar per dimension.
+    RewardModel(Box<RewardModel>),
 }
 
 impl Scorer {
@@ -48,6 +51,7 @@ impl Scorer {
     pub fn dimensions(&self) -> &[String] {
         match self {
             Scorer::Synthetic { dimensions, .. } => dimensions,
+            Scorer::RewardModel(model) => &model.dimensions,
         }
     }
 
@@ -58,6 +62,7 @@ impl Scorer {
                 scenario,
                 dimensions,
             } => synth::score_floor(*scenario, dimensions.len()),
+            Scorer::RewardModel(model) => model.reference_point.clone(),
         }
     }
 
@@ -69,11 +74,16 @@ impl Scorer {
                  data); reference point: the lowest score a response of its data can have",
                 scenario.name()
             ),
+            Scorer::RewardModel(model) => format!(
+                "the reward model {} (trained by train-rm); reference point: per dimension, the \
+                 lowest reward it gives a response of its held-out split",
+                model.dir.display()
+            ),
         }
     }
 
     /// `scores[a][i]`: answer a to the prompt `prompt_ids` on dimension i.
-    pub fn score(&self, _prompt_ids: &[u32], answers: &[Answer]) -> Result<Vec<Vec<f64>>> {
+    pub fn score(&self, prompt_ids: &[u32], answers: &[Answer]) -> Result<Vec<Vec<f64>>> {
         match self {
             Scorer::Synthetic {
                 scenario,
@@ -82,6 +92,10 @@ impl Scorer {
                 .iter()
                 .map(|a| synth::score(*scenario, &a.text, dimensions.len()))
                 .collect()),
+            Scorer::RewardModel(model) => {
+                let responses: Vec<&[u32]> = answers.iter().map(|a| a.ids.as_slice()).collect();
+                model.score(prompt_ids, &responses)
+            }
         }
     }
 }
