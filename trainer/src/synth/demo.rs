@@ -163,15 +163,17 @@ struct DemoSettings {
     /// Held-out prompts each run answers at every w (`[demo] generate_prompts`, default
     /// [`GENERATE_PROMPTS`]).
     generate_prompts: usize,
+    /// `[demo] generate_tokens`: most new tokens per answer.
+    generate_tokens: usize,
     /// `[demo] sft_steps` (default 0): the SFT warm start of each seed's tiny model.
     sft_steps: usize,
 }
 
 /// Prompts of the generation table when the config does not say: few, so the demo stays short.
 pub const GENERATE_PROMPTS: usize = 12;
-/// Most new tokens of a demo answer: the synthetic responses are at most 13 words (about 80
-/// bytes of the byte-level tokenizer).
-const GENERATE_TOKENS: usize = 96;
+/// Most new tokens of a demo answer when the config does not say (`[demo] generate_tokens`):
+/// the synthetic responses are 8 to 13 words, about 50 to 80 bytes of the byte-level tokenizer.
+pub const GENERATE_TOKENS: usize = 64;
 
 impl DemoSettings {
     fn new(table: &toml::Table, options: &DemoOptions) -> Result<DemoSettings> {
@@ -220,13 +222,17 @@ impl DemoSettings {
                 None => GENERATE_PROMPTS,
                 Some(_) => int("generate_prompts")?,
             },
+            generate_tokens: match demo.get("generate_tokens") {
+                None => GENERATE_TOKENS,
+                Some(_) => int("generate_tokens")?,
+            },
             sft_steps: match demo.get("sft_steps") {
                 None => 0,
                 Some(_) => int("sft_steps")?,
             },
         };
-        if settings.generate_prompts == 0 {
-            bail!("demo.generate_prompts: need at least one prompt");
+        if settings.generate_prompts == 0 || settings.generate_tokens == 0 {
+            bail!("demo.generate_prompts and demo.generate_tokens: need at least 1");
         }
         if settings.seeds == 0 {
             bail!("demo.seeds: need at least one seed");
@@ -528,7 +534,7 @@ fn run_seed(
         eval::evaluate_runs(&compare, &dir.join("eval"), false).context("evaluating the runs")?;
     seconds.push(("eval".to_string(), started.elapsed().as_secs_f64()));
     let started = Instant::now();
-    let generation = generate_and_score(&runs, spec, &synth, settings.generate_prompts, dir)?;
+    let generation = generate_and_score(&runs, spec, &synth, settings, dir)?;
     seconds.push(("generate".to_string(), started.elapsed().as_secs_f64()));
     Ok(SeedOutputs {
         seed: spec.seed,
@@ -544,22 +550,22 @@ fn run_seed(
     })
 }
 
-/// `eval --generate` on the seed's runs: greedy answers to `prompts` held-out prompts at the
+/// `eval --generate` on the seed's runs: greedy answers to `generate_prompts` held-out prompts at the
 /// paper's grid, scored by the scenario's rule, written into `<dir>/eval-generate/`.
 fn generate_and_score(
     runs: &[PathBuf],
     spec: &SynthSpec,
     synth: &SynthFiles,
-    prompts: usize,
+    settings: &DemoSettings,
     dir: &Path,
 ) -> Result<GenerationComparison> {
     let scorer = gen::Scorer::synthetic(spec.scenario, &synth.dimensions)?;
     let options = GenerationOptions {
         runs: runs.to_vec(),
-        prompts: prompts.min(spec.eval_pairs),
+        prompts: settings.generate_prompts.min(spec.eval_pairs),
         grid: None,
         decoding: Decoding {
-            max_new_tokens: GENERATE_TOKENS,
+            max_new_tokens: settings.generate_tokens,
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,

@@ -175,7 +175,7 @@ pub struct GenerationComparison {
 const EXAMPLES: usize = 2;
 
 /// The first `n` distinct prompts (chat-templated token ids) of the run's held-out split.
-fn held_out_prompts(run: &SavedRun, n: usize) -> Result<Vec<Vec<u32>>> {
+pub fn held_out_prompts(run: &SavedRun, n: usize) -> Result<Vec<Vec<u32>>> {
     let data = data::load(&run.config.data, &run.tokenizer)
         .with_context(|| format!("cannot load the data of run {}", run.dir.display()))?;
     let mut prompts: Vec<Vec<u32>> = Vec::new();
@@ -203,7 +203,7 @@ fn row_seed(seed: u64, prompt: usize, weights: &[f64]) -> u64 {
 }
 
 /// `answers[p][v]`: the run's answer to prompt p at weight vector v.
-fn generate_answers(
+pub fn generate_answers(
     run: &SavedRun,
     prompts: &[Vec<u32>],
     weights: &[Vec<f64>],
