@@ -1,5 +1,7 @@
 """A bounded load test of `modpo-trainer serve` on 127.0.0.1: N clients, each with its own
-prompt and random preference weights (seeded), first one at a time, then all at once.
+prompt, random preference weights and a random answer length between T/2 and T (seeded, so
+rows free up at different steps and waiting requests join a running batch), first one at a
+time, then all at once.
 
 Checks that nothing is dropped or mixed up (every concurrent answer equals the same request's
 answer alone, greedy, token for token) and prints the throughput of both in new tokens per
@@ -60,7 +62,7 @@ for i in range(args.clients):
     request = {
         "model": args.model,
         "messages": [{"role": "user", "content": f"Request {i}: say something about the number {i * 7}."}],
-        "max_tokens": args.max_tokens,
+        "max_tokens": rng.randint(max(1, args.max_tokens // 2), args.max_tokens),
         "temperature": 0,
     }
     if dims:

@@ -4,6 +4,7 @@
 // API's greedy answer at the weights the page shows; then the same side by side at two weights.
 //
 // Usage: node playground.mjs BASE_URL [SCREENSHOT.png]
+// (PROMPT and MAX_TOKENS in the environment replace the test's prompt and answer length.)
 
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -62,12 +63,12 @@ try {
   const sum = after.reduce((s, x) => s + x, 0);
   check(Math.abs(sum - 1) < 1e-6, `weights ${after} sum to ${sum}, not 1`);
 
-  const prompt = "Give me one tip.";
-  const maxTokens = 24;
+  const prompt = process.env.PROMPT || "Give me one tip.";
+  const maxTokens = parseInt(process.env.MAX_TOKENS || "24", 10);
   await page.fill("#prompt", prompt);
   await page.fill("#max-tokens", String(maxTokens));
   await page.click("#send");
-  await page.waitForSelector("#status-a[data-done=true]", { timeout: 60000 });
+  await page.waitForSelector("#status-a[data-done=true]", { timeout: 600000 });
   const answer = await page.textContent("#answer-a");
   const expected = await apiAnswer(model.id, prompt, maxTokens, after);
   check(answer.length > 0, "no answer appeared");
@@ -78,8 +79,8 @@ try {
   await page.check("#compare");
   check(await page.isVisible("#column-b"), "the second column is shown");
   await page.click("#send");
-  await page.waitForSelector("#status-a[data-done=true]", { timeout: 60000 });
-  await page.waitForSelector("#status-b[data-done=true]", { timeout: 60000 });
+  await page.waitForSelector("#status-a[data-done=true]", { timeout: 600000 });
+  await page.waitForSelector("#status-b[data-done=true]", { timeout: 600000 });
   const wB = await shownWeights(page, "b");
   const [a, b] = [await page.textContent("#answer-a"), await page.textContent("#answer-b")];
   check(a === expected, "side by side: answer A changed");
