@@ -9,7 +9,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{MicroBatch, TokenizedPair};
-use crate::model::{CausalLm, Conditioning, TokenLayout};
+use crate::model::{CausalLm, Conditioning, SharedPrefixRows, TokenLayout};
 
 /// How the rows of a [`BatchTensors`] hold a micro-batch's pairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +55,10 @@ pub struct BatchTensors {
     pub input_ids: Tensor,
     /// [R, T] int64, 1 on tokens, 0 on right padding
     pub attention_mask: Tensor,
-    /// Shared prompt only: [R, T] int64 segment of each token (0 prompt, 1 response a,
-    /// 2 response b, -1 padding) and [R, T] int64 its position, restarting after the prompt
-    /// for response b.
-    pub segments_and_positions: Option<(Tensor, Tensor)>,
+    /// Shared prompt only: each token's segment (prompt, response a, response b, padding),
+    /// its position (restarting after the prompt for response b), and the indices through
+    /// which response b attends the prompt and itself without a mask.
+    pub shared_prompt: Option<SharedPrefixRows>,
     /// [N] int64: flat indices into the `[R * T]` hidden states of the positions that predict
     /// a response token, those predicting response a first (row-major), then response b.
     pub predictors: Tensor,
@@ -129,7 +129,7 @@ impl BatchTensors {
             pairs: b as i64,
             input_ids: to_tensor(&batch.input_ids, &[rows as i64, t as i64], device),
             attention_mask: to_tensor(&batch.attention_mask, &[rows as i64, t as i64], device),
-            segments_and_positions: None,
+            shared_prompt: None,
             a_predictors: scored.iter().filter(|s| s.2 < b as i64).count() as i64,
             predictors,
             targets,
@@ -164,6 +164,15 @@ impl BatchTensors {
         let mut attention_mask = vec![0i64; b * t];
         let mut segments = vec![-1i64; b * t];
         let mut positions = vec![0i64; b * t];
+        // Response b's view [prompt | b | padding] of each row, and where each token's
+        // attention output comes from (the row's, or t + its place in the view).
+        let t2 = parts
+            .iter()
+            .map(|(p, _, r)| p.len() + r.len())
+            .max()
+            .unwrap_or(0);
+        let mut b_view = vec![0i64; b * t2];
+        let mut merge: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
         let (mut scored_a, mut scored_b): (Vec<Scored>, Vec<Scored>) = (Vec::new(), Vec::new());
         for (j, (prompt, a, rejected)) in parts.iter().enumerate() {
             let row = j * t;
@@ -180,6 +189,13 @@ impl BatchTensors {
                 };
                 segments[row + i] = segment;
                 positions[row + i] = position as i64;
+                // Prompt and b tokens sit in b's view at their position.
+                if segment != 1 {
+                    b_view[j * t2 + position] = i as i64;
+                }
+                if segment == 2 {
+                    merge[row + i] = (t + position) as i64;
+                }
             }
             // Response a as in its own row: token i at p + i, predicted from p + i - 1.
             for (i, &id) in a.iter().enumerate() {
@@ -201,10 +217,12 @@ impl BatchTensors {
             pairs: b as i64,
             input_ids: to_tensor(&input_ids, &shape, device),
             attention_mask: to_tensor(&attention_mask, &shape, device),
-            segments_and_positions: Some((
-                to_tensor(&segments, &shape, device),
-                to_tensor(&positions, &shape, device),
-            )),
+            shared_prompt: Some(SharedPrefixRows {
+                segments: to_tensor(&segments, &shape, device),
+                positions: to_tensor(&positions, &shape, device),
+                b_view: to_tensor(&b_view, &[b as i64, t2 as i64], device),
+                merge: to_tensor(&merge, &shape, device),
+            }),
             predictors,
             targets,
             slots,
@@ -223,7 +241,7 @@ impl BatchTensors {
 
     /// How the rows hold the pairs: shared-prompt rows are the ones with segments.
     pub fn layout(&self) -> RowLayout {
-        match self.segments_and_positions {
+        match self.shared_prompt {
             Some(_) => RowLayout::SharedPrompt,
             None => RowLayout::ResponsePerRow,
         }
@@ -234,11 +252,11 @@ impl BatchTensors {
         self.input_ids.size()[1]
     }
 
-    /// The mask and rotary positions the model runs these rows with.
+    /// The attention pattern and rotary positions the model runs these rows with.
     pub fn token_layout(&self, model: &CausalLm) -> TokenLayout {
-        match &self.segments_and_positions {
+        match &self.shared_prompt {
             None => model.padded_layout(&self.attention_mask),
-            Some((segments, positions)) => model.segmented_layout(segments, positions),
+            Some(rows) => model.shared_prefix_layout(rows),
         }
     }
 
@@ -277,10 +295,7 @@ impl BatchTensors {
             pairs: copies * b,
             input_ids: replicate(&self.input_ids),
             attention_mask: replicate(&self.attention_mask),
-            segments_and_positions: self
-                .segments_and_positions
-                .as_ref()
-                .map(|(s, p)| (replicate(s), replicate(p))),
+            shared_prompt: self.shared_prompt.as_ref().map(|r| r.repeated(copies)),
             predictors: Tensor::cat(&predictors, 0),
             targets: Tensor::cat(&[targets_a.repeat([copies]), targets_b.repeat([copies])], 0),
             slots: Tensor::cat(&slots, 0),
@@ -347,7 +362,11 @@ pub fn token_logps(model: &CausalLm, scored: &Tensor, targets: &Tensor, chunk_ro
     for start in (0..n).step_by(chunk_rows.max(1) as usize) {
         let rows = chunk_rows.min(n - start);
         let h = scored.narrow(0, start, rows).detach(); // [rows, H]
-        let h = if needs_gradient { h.set_requires_grad(true) } else { h };
+        let h = if needs_gradient {
+            h.set_requires_grad(true)
+        } else {
+            h
+        };
         let logps = model
             .logits_from_hidden(&h) // [rows, vocab]
             .log_softmax(-1, Kind::Float)
@@ -558,8 +577,7 @@ mod tests {
     fn chunked_lm_head_equals_the_whole_log_softmax() {
         let dir = tempfile::tempdir().unwrap();
         crate::model::tiny::write_tiny_model(dir.path(), &Default::default(), 3).unwrap();
-        let loaded =
-            crate::model::load_model(dir.path(), None, Device::Cpu, Kind::Float).unwrap();
+        let loaded = crate::model::load_model(dir.path(), None, Device::Cpu, Kind::Float).unwrap();
         let model = &loaded.model;
         tch::manual_seed(0);
         let hidden_size = model.config().hidden_size;
@@ -583,18 +601,25 @@ mod tests {
         let max_diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
         assert!(max_diff(&chunked, &whole) <= 1e-6, "values differ");
         let scale = f64::try_from(whole_grad.abs().max()).unwrap();
-        assert!(max_diff(&leaf.grad(), &whole_grad) <= 1e-5 * scale, "gradients differ");
+        assert!(
+            max_diff(&leaf.grad(), &whole_grad) <= 1e-5 * scale,
+            "gradients differ"
+        );
 
         let no_grad = token_logps(model, &scored, &targets, 4);
         assert!(!no_grad.requires_grad());
         assert!(max_diff(&no_grad, &whole) <= 1e-6);
-        assert_eq!(token_logps(model, &scored.narrow(0, 0, 0), &targets, 3).size(), [0]);
+        assert_eq!(
+            token_logps(model, &scored.narrow(0, 0, 0), &targets, 3).size(),
+            [0]
+        );
     }
 
     /// One pair, prompt [10, 11], response a [12], response b [13, 14], padded to T = 4 as
     /// rows of their own. Shared, the row is [10 11 12 13 14]: segments 0 0 1 2 2, positions
     /// 0 1 2 2 3 (b restarts after the prompt); 12 and 13 are both predicted from position 1
     /// (the prompt's last token), 14 from position 3 (13's). Slots: a to 0, b to B + 0 = 1.
+    /// Response b's view is the prompt and b, row positions 0 1 3 4.
     #[test]
     fn shared_prompt_rows_by_hand() {
         let micro = MicroBatch {
@@ -615,9 +640,14 @@ mod tests {
             values(&shared.input_ids.reshape([-1])),
             [10, 11, 12, 13, 14]
         );
-        let (segments, positions) = shared.segments_and_positions.as_ref().unwrap();
+        let rows = shared.shared_prompt.as_ref().unwrap();
+        let (segments, positions) = (&rows.segments, &rows.positions);
         assert_eq!(values(&segments.reshape([-1])), [0, 0, 1, 2, 2]);
         assert_eq!(values(&positions.reshape([-1])), [0, 1, 2, 2, 3]);
+        // b's view [10 11 13 14] (row positions 0 1 3 4); b's outputs come from it, at
+        // t + 2 and t + 3 with t = 5.
+        assert_eq!(values(&rows.b_view.reshape([-1])), [0, 1, 3, 4]);
+        assert_eq!(values(&rows.merge.reshape([-1])), [0, 1, 2, 7, 8]);
         assert_eq!(values(&shared.predictors), [1, 1, 3]);
         assert_eq!(values(&shared.targets), [12, 13, 14]);
         assert_eq!(values(&shared.slots), [0, 1, 1]);
@@ -625,6 +655,7 @@ mod tests {
         // Two copies: rows [pair; pair], b slots after both copies' a slots.
         let twice = shared.replicated(2);
         assert_eq!(twice.input_ids.size(), [2, 5]);
+        assert_eq!(twice.shared_prompt.as_ref().unwrap().b_view.size(), [2, 4]);
         assert_eq!(values(&twice.predictors), [1, 6, 1, 3, 6, 8]);
         assert_eq!(values(&twice.targets), [12, 12, 13, 14, 13, 14]);
         assert_eq!(values(&twice.slots), [0, 1, 2, 2, 3, 3]);

@@ -1,8 +1,8 @@
 //! The Llama 3 / Mistral decoder, in the layout of Hugging Face's `modeling_llama.py` and
 //! `modeling_mistral.py`: every module sits at the `VarStore` path that is its key in the HF
 //! checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ...), so loading is one loop over
-//! keys. Attention is `scaled_dot_product_attention` with an explicit boolean mask: causal,
-//! right padding, and Mistral's sliding window.
+//! keys. Attention is `scaled_dot_product_attention`, through its causal kernels where the
+//! layout allows and with an explicit boolean mask otherwise (`llama/layout.rs`).
 
 use tch::{nn, Device, Kind, Tensor};
 
@@ -11,6 +11,9 @@ use super::hf_config::ModelConfig;
 use super::rotary::{apply_rotary, RopeTables, Rotary};
 
 mod decode_rows;
+mod layout;
+
+pub use layout::{AttentionPattern, SharedPrefixRows, TokenLayout};
 
 /// The seven projections of a decoder layer: `(key, out, in, bias)`, in checkpoint order.
 pub fn layer_projections(config: &ModelConfig) -> [(&'static str, i64, i64, bool); 7] {
@@ -121,16 +124,6 @@ impl RmsNorm {
     }
 }
 
-/// Where the tokens of a batch sit: which keys each query may attend, and the rotary angles
-/// of each token's position. Built by [`CausalLm::padded_layout`] or
-/// [`CausalLm::segmented_layout`].
-#[derive(Debug)]
-pub struct TokenLayout {
-    /// [b, 1, t, t] bool, true where query i may attend key j
-    pub mask: Tensor,
-    pub rope: RopeTables,
-}
-
 #[derive(Debug)]
 struct Attention {
     q_proj: ConditionedLinear,
@@ -161,9 +154,15 @@ impl Attention {
         }
     }
 
-    /// x: [b, t, hidden]; mask: [b, 1, t, t] bool (true = may attend) -> [b, t, hidden]
-    fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, cond: Conditioning) -> Tensor {
-        self.attend(x, rope, mask, cond, None)
+    /// x: [b, t, hidden] -> [b, t, hidden], each query attending the keys `attention` says
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        attention: &AttentionPattern,
+        cond: Conditioning,
+    ) -> Tensor {
+        self.attend(x, rope, attention, cond, None)
     }
 
     /// Incremental decoding: x: [1, t_new, hidden] at positions after the `cache`'s, whose keys
@@ -176,16 +175,17 @@ impl Attention {
         cond: Conditioning,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Tensor {
-        self.attend(x, rope, mask, cond, Some(cache))
+        let attention = AttentionPattern::Masked(mask.shallow_clone());
+        self.attend(x, rope, &attention, cond, Some(cache))
     }
 
     /// Attention over this call's keys and values, preceded by the cached ones when a cache
-    /// is given (which is then extended). mask: [b, 1, t, t_all].
+    /// is given (which is then extended).
     fn attend(
         &self,
         x: &Tensor,
         rope: &RopeTables,
-        mask: &Tensor,
+        attention: &AttentionPattern,
         cond: Conditioning,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
@@ -205,7 +205,7 @@ impl Attention {
             }
             *cache = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let attn = self.scaled_attention(&q, k, v, mask); // [b, nh, t, d]
+        let attn = self.attend_with(&q, k, v, attention); // [b, nh, t, d]
         let merged = attn
             .transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
@@ -309,9 +309,15 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, cond: Conditioning) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        attention: &AttentionPattern,
+        cond: Conditioning,
+    ) -> Tensor {
         let attn_in = self.input_layernorm.forward(x);
-        let x = x + self.self_attn.forward(&attn_in, rope, mask, cond);
+        let x = x + self.self_attn.forward(&attn_in, rope, attention, cond);
         let mlp_out = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x), cond);
@@ -452,58 +458,6 @@ impl CausalLm {
         all
     }
 
-    /// The layout of right-padded rows, each one sequence from position 0.
-    /// attention_mask: [b, t], 1 for tokens and 0 for right padding.
-    pub fn padded_layout(&self, attention_mask: &Tensor) -> TokenLayout {
-        TokenLayout {
-            mask: self.attention_mask(attention_mask),
-            rope: self.rotary.tables(0, attention_mask.size()[1], self.kind),
-        }
-    }
-
-    /// The layout of rows that hold several sequences sharing a prefix: `segments` [b, t]
-    /// int64 is 0 on the shared prefix, 1, 2, .. on the continuations that follow it one after
-    /// another, and -1 on right padding; `positions` [b, t] int64 restart after the prefix for
-    /// each continuation. Query i may attend key j <= i when j is in the prefix or in i's own
-    /// continuation (and, Mistral, within the sliding window of positions), so each
-    /// continuation sees exactly what it would see as its own row after the prefix.
-    pub fn segmented_layout(&self, segments: &Tensor, positions: &Tensor) -> TokenLayout {
-        let (b, t) = (segments.size()[0], segments.size()[1]);
-        let index = Tensor::arange(t, (Kind::Int64, segments.device()));
-        let causal = index.view([1, t]).le_tensor(&index.view([t, 1])); // [t, t]
-        let query_segment = segments.view([b, t, 1]);
-        let key_segment = segments.view([b, 1, t]);
-        let visible = key_segment
-            .eq(0)
-            .logical_or(&key_segment.eq_tensor(&query_segment))
-            .logical_and(&key_segment.ge(0)); // [b, t, t]
-        let mut allowed = visible.logical_and(&causal.unsqueeze(0));
-        if let Some(window) = self.config.sliding_window {
-            let distance = positions.view([b, t, 1]) - positions.view([b, 1, t]);
-            allowed = allowed.logical_and(&distance.lt(window));
-        }
-        TokenLayout {
-            mask: allowed.unsqueeze(1), // [b, 1, t, t]
-            rope: self.rotary.tables_at(positions, self.kind),
-        }
-    }
-
-    /// The attention mask the decoder uses: [b, 1, t, t] bool, true where query i may attend
-    /// key j: j <= i (causal), key j is not padding, and (Mistral) i - j < sliding_window.
-    /// attention_mask: [b, t], 1 for tokens and 0 for right padding.
-    pub fn attention_mask(&self, attention_mask: &Tensor) -> Tensor {
-        let (b, t) = (attention_mask.size()[0], attention_mask.size()[1]);
-        let device = attention_mask.device();
-        let query = Tensor::arange(t, (Kind::Int64, device)).view([t, 1]);
-        let key = Tensor::arange(t, (Kind::Int64, device)).view([1, t]);
-        let mut allowed = key.le_tensor(&query); // [t, t]
-        if let Some(window) = self.config.sliding_window {
-            allowed = allowed.logical_and(&(&query - &key).lt(window));
-        }
-        let keys_valid = attention_mask.ne(0).view([b, 1, 1, t]);
-        allowed.view([1, 1, t, t]).logical_and(&keys_valid)
-    }
-
     /// input_ids: [b, t] int64; attention_mask: [b, t] (1 token, 0 right padding)
     /// -> final hidden states [b, t, hidden]
     pub fn hidden_states(
@@ -531,7 +485,7 @@ impl CausalLm {
         }
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
         for layer in &self.layers {
-            x = layer.forward(&x, &layout.rope, &layout.mask, cond);
+            x = layer.forward(&x, &layout.rope, &layout.attention, cond);
         }
         self.norm.forward(&x)
     }
@@ -552,13 +506,13 @@ impl CausalLm {
         cond: Conditioning,
         head: impl FnOnce(&Tensor) -> (Tensor, R),
     ) -> R {
-        let (mask, rope) = (&layout.mask, &layout.rope);
+        let (attention, rope) = (&layout.attention, &layout.rope);
         let mut block_inputs = Vec::with_capacity(self.layers.len());
         let last = tch::no_grad(|| {
             let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
             for layer in &self.layers {
                 block_inputs.push(x.shallow_clone());
-                x = layer.forward(&x, rope, mask, cond);
+                x = layer.forward(&x, rope, attention, cond);
             }
             x
         });
@@ -568,7 +522,7 @@ impl CausalLm {
         let mut grad = top.grad(); // d loss / d output of the last block: [b, t, hidden]
         for (layer, input) in self.layers.iter().zip(block_inputs).rev() {
             let x = input.set_requires_grad(true);
-            let y = layer.forward(&x, rope, mask, cond);
+            let y = layer.forward(&x, rope, attention, cond);
             // sum(y * g) has gradient g with respect to y: a vector-Jacobian product.
             (y * &grad).sum(Kind::Float).backward();
             grad = x.grad();

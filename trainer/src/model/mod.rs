@@ -19,7 +19,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub use adapter::{AdapterKind, AdapterSpec, Conditioning, LoraGemms};
 pub use hf_config::{Architecture, ModelConfig, RopeScaling};
-pub use llama::{CausalLm, KvCache, TokenLayout};
+pub use llama::{AttentionPattern, CausalLm, KvCache, SharedPrefixRows, TokenLayout};
 
 /// Which device the model runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
