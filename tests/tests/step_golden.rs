@@ -79,7 +79,7 @@ fn model(dir: &Path, method: &MethodConfig, k: usize) -> LoadedModel {
 fn settings(method: &MethodConfig) -> StepSettings {
     StepSettings {
         beta: BETA,
-        batch_passes: method.batch_passes,
+        batch_passes: method.batch_passes_on(tch::Device::Cpu),
         recompute_activations: false,
         split_responses: false,
         row_layout: RowLayout::new(true),

@@ -114,10 +114,11 @@ pub struct MethodConfig {
     pub beta2: Option<f64>,
     #[serde(default)]
     pub weight_sampling: WeightSampling,
-    /// Run the passes of a step as one forward with rows replicated and per-row w (faster,
-    /// (passes)x activation memory) instead of forward+backward pass by pass.
-    #[serde(default = "default_true")]
-    pub batch_passes: bool,
+    /// Run the passes of a step as one forward with rows replicated and per-row w ((passes)x
+    /// activation memory; fills a GPU) instead of forward+backward pass by pass. Absent: by
+    /// device ([`MethodConfig::batch_passes_on`]).
+    #[serde(default)]
+    pub batch_passes: Option<bool>,
     /// How response length enters the margins of every loss ([`loss::LengthCorrection`]):
     /// "none" (the paper), "per-token" or "r-dpo" (with `length_alpha`).
     #[serde(default)]
@@ -149,10 +150,6 @@ pub struct AdaLoraTraining {
     pub schedule: AllocationSchedule,
 }
 
-fn default_true() -> bool {
-    true
-}
-
 impl MethodConfig {
     /// The method with every optional key at its default.
     pub fn new(name: MethodName) -> Self {
@@ -169,13 +166,21 @@ impl MethodConfig {
             beta1: None,
             beta2: None,
             weight_sampling: WeightSampling::default(),
-            batch_passes: true,
+            batch_passes: None,
             length_correction: LengthCorrectionName::None,
             length_alpha: None,
         }
     }
 
     /// The length correction of every loss's margin.
+    /// Whether the passes of a step run batched on `device`: as configured, else batched on
+    /// CUDA only. On a CPU one pass at a time measured as fast or faster (docs/benchmarks.md:
+    /// 1.27x median over 6 runs) at half the memory; batching pays where one pass under-fills
+    /// the device.
+    pub fn batch_passes_on(&self, device: tch::Device) -> bool {
+        self.batch_passes.unwrap_or(device.is_cuda())
+    }
+
     pub fn length_correction(&self) -> loss::LengthCorrection {
         match self.length_correction {
             LengthCorrectionName::None => loss::LengthCorrection::None,

@@ -20,17 +20,21 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// How `train` runs (recomputation is an option, off by default).
-    pub const TRAINING: Variant = Variant {
-        reference_cache: true,
-        joint_responses: true,
-        batched_passes: true,
-        stacked_lora: true,
-        length_bucketing: true,
-        frozen_base: true,
-        recompute_activations: false,
-        shared_prompt: true,
-    };
+    /// How `train` runs on the preset's device (recomputation is an option, off by default):
+    /// the k + 1 passes batched on the GPU, one by one on the CPU, as
+    /// `MethodConfig::batch_passes_on` decides when the config does not say.
+    pub fn training(preset: Preset) -> Variant {
+        Variant {
+            reference_cache: true,
+            joint_responses: true,
+            batched_passes: preset == Preset::Llama3_8b,
+            stacked_lora: true,
+            length_bucketing: true,
+            frozen_base: true,
+            recompute_activations: false,
+            shared_prompt: true,
+        }
+    }
 }
 
 /// One timed configuration.
@@ -44,12 +48,12 @@ pub(super) struct Case {
 }
 
 impl Case {
-    pub fn new(name: &str, method: MethodName, stage: usize) -> Self {
+    pub fn new(name: &str, method: MethodName, stage: usize, preset: Preset) -> Self {
         Case {
             name: name.to_string(),
             method,
             stage,
-            variant: Variant::TRAINING,
+            variant: Variant::training(preset),
         }
     }
 
@@ -116,26 +120,31 @@ pub(super) fn median(values: &[f64]) -> f64 {
 /// optimisation switched off.
 pub(super) fn cases(preset: Preset, ablations: bool) -> Vec<Case> {
     let mut cases = vec![
-        Case::new("curriculum stage 1", MethodName::Curriculum, 1),
-        Case::new("curriculum stage 2", MethodName::Curriculum, 2),
-        Case::new("curriculum stage 3", MethodName::Curriculum, 3),
+        Case::new("curriculum stage 1", MethodName::Curriculum, 1, preset),
+        Case::new("curriculum stage 2", MethodName::Curriculum, 2, preset),
+        Case::new("curriculum stage 3", MethodName::Curriculum, 3, preset),
     ];
     if preset == Preset::Cpu {
-        cases.push(Case::new("panacea", MethodName::Panacea, 1));
-        cases.push(Case::new("panacea-lora", MethodName::PanaceaLora, 1));
-        cases.push(Case::new("dpo-soup", MethodName::DpoSoup, 1));
+        cases.push(Case::new("panacea", MethodName::Panacea, 1, preset));
+        cases.push(Case::new(
+            "panacea-lora",
+            MethodName::PanaceaLora,
+            1,
+            preset,
+        ));
+        cases.push(Case::new("dpo-soup", MethodName::DpoSoup, 1, preset));
     }
     if preset == Preset::Llama3_8b {
-        let stage3 = Case::new("", MethodName::Curriculum, 3);
+        let stage3 = Case::new("", MethodName::Curriculum, 3, preset);
         cases.push(stage3.with("stage 3, recomputation", |v| v.recompute_activations = true));
     }
     if ablations {
-        let stage1 = Case::new("", MethodName::Curriculum, 1);
+        let stage1 = Case::new("", MethodName::Curriculum, 1, preset);
         cases.push(stage1.clone().with("stage 1, reference every step", |v| {
             v.reference_cache = false
         }));
         cases.push(stage1.with("stage 1, a row per response", |v| v.shared_prompt = false));
-        let stage3 = Case::new("", MethodName::Curriculum, 3);
+        let stage3 = Case::new("", MethodName::Curriculum, 3, preset);
         for (name, off) in [
             (
                 "reference every step",
@@ -146,7 +155,6 @@ pub(super) fn cases(preset: Preset, ablations: bool) -> Vec<Case> {
                 v.shared_prompt = false;
                 v.joint_responses = false
             }),
-            ("k + 1 passes one by one", |v| v.batched_passes = false),
             ("LoRA GEMMs per block", |v| v.stacked_lora = false),
             ("no length bucketing", |v| v.length_bucketing = false),
             ("gradients for the base", |v| v.frozen_base = false),
@@ -156,6 +164,16 @@ pub(super) fn cases(preset: Preset, ablations: bool) -> Vec<Case> {
         ] {
             cases.push(stage3.clone().with(&format!("stage 3, {name}"), off));
         }
+        // The other way of running the k + 1 passes than the device's default.
+        let passes = match Variant::training(preset).batched_passes {
+            true => "stage 3, k + 1 passes one by one",
+            false => "stage 3, k + 1 passes batched",
+        };
+        cases.push(
+            stage3
+                .clone()
+                .with(passes, |v| v.batched_passes = !v.batched_passes),
+        );
         let naive = stage3.with("stage 3, all of them off", |v| {
             *v = Variant {
                 reference_cache: false,
@@ -174,8 +192,8 @@ pub(super) fn cases(preset: Preset, ablations: bool) -> Vec<Case> {
 }
 
 /// The two cases of the micro-batch search: stage 3 without and with recomputation.
-pub(super) fn search_cases() -> [Case; 2] {
-    let stage3 = Case::new("", MethodName::Curriculum, 3);
+pub(super) fn search_cases(preset: Preset) -> [Case; 2] {
+    let stage3 = Case::new("", MethodName::Curriculum, 3, preset);
     [
         stage3.clone().with("micro-batch search", |_| {}),
         stage3.with("micro-batch search, recomputation", |v| {
@@ -187,6 +205,6 @@ pub(super) fn search_cases() -> [Case; 2] {
 /// Every case a child process may be asked to time.
 pub(super) fn all_cases(preset: Preset, ablations: bool) -> Vec<Case> {
     let mut all = cases(preset, ablations);
-    all.extend(search_cases());
+    all.extend(search_cases(preset));
     all
 }

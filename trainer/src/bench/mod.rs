@@ -483,7 +483,7 @@ impl Bench {
     /// recomputation: doubling until a run fails (out of memory), then bisecting.
     fn search_micro_batch(&self, limit: usize) -> Result<Vec<(bool, usize)>> {
         let mut found = Vec::new();
-        for case in search_cases() {
+        for case in search_cases(self.options.preset) {
             let fits = |m: usize| -> Result<bool> {
                 eprintln!("bench: {} with {m} pairs", case.name);
                 Ok(self.run_child(&case, m)?.is_some())
@@ -522,7 +522,11 @@ impl Bench {
             .context("the cpu preset has a tokenizer")?;
         let stage = &stages(MethodName::Curriculum)[0];
         let mut rows = Vec::new();
-        for batch in self.case_batches(stage, &Variant::TRAINING, self.options.micro_batch) {
+        for batch in self.case_batches(
+            stage,
+            &Variant::training(self.options.preset),
+            self.options.micro_batch,
+        ) {
             for id in batch {
                 let p = &self.pairs[id];
                 let prefers_a = p.preferences.iter().map(|x| x.sign() as i32).sum::<i32>() > 0;
@@ -544,25 +548,29 @@ impl Bench {
     /// The timed stage-3 steps as token ids with their drawn weights, for the PyTorch loop.
     fn stage3_steps(&self) -> Vec<serde_json::Value> {
         let stage = &stages(MethodName::Curriculum)[2];
-        self.case_batches(stage, &Variant::TRAINING, self.options.micro_batch)
-            .iter()
-            .enumerate()
-            .map(|(step_index, batch)| {
-                let pairs: Vec<serde_json::Value> = batch
-                    .iter()
-                    .map(|&id| {
-                        let p = &self.pairs[id];
-                        serde_json::json!({
-                            "prompt_ids": p.prompt_ids, "a_ids": p.response_a_ids,
-                            "b_ids": p.response_b_ids,
-                            "preferences": p.preferences.iter().map(|x| x.sign()).collect::<Vec<_>>(),
-                        })
+        self.case_batches(
+            stage,
+            &Variant::training(self.options.preset),
+            self.options.micro_batch,
+        )
+        .iter()
+        .enumerate()
+        .map(|(step_index, batch)| {
+            let pairs: Vec<serde_json::Value> = batch
+                .iter()
+                .map(|&id| {
+                    let p = &self.pairs[id];
+                    serde_json::json!({
+                        "prompt_ids": p.prompt_ids, "a_ids": p.response_a_ids,
+                        "b_ids": p.response_b_ids,
+                        "preferences": p.preferences.iter().map(|x| x.sign()).collect::<Vec<_>>(),
                     })
-                    .collect();
-                let weights = WeightSampling::PerRow.draw(0, 3, step_index, batch.len(), self.k);
-                serde_json::json!({"pairs": pairs, "weights": weights})
-            })
-            .collect()
+                })
+                .collect();
+            let weights = WeightSampling::PerRow.draw(0, 3, step_index, batch.len(), self.k);
+            serde_json::json!({"pairs": pairs, "weights": weights})
+        })
+        .collect()
     }
 
     fn model_dir(&self) -> Option<&Path> {

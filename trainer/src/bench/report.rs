@@ -60,7 +60,7 @@ fn render(
     write_header(&mut text, bench)?;
     write_cases(&mut text, results)?;
     let ratios = write_baselines(&mut text, bench.options.rounds, baselines)?;
-    let ablations = write_ablations(&mut text, results)?;
+    let ablations = write_ablations(&mut text, results, bench.options.preset)?;
     if let Some(found) = micro_batch_search {
         write_micro_batch_search(&mut text, bench.options.seq_len, found)?;
     }
@@ -201,11 +201,13 @@ fn write_baselines(
 fn write_ablations(
     text: &mut String,
     results: &[CaseResult],
+    preset: super::Preset,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let training = Variant::training(preset);
     let mut ablations = serde_json::Map::new();
     let ablated: Vec<&CaseResult> = results
         .iter()
-        .filter(|r| r.variant != Variant::TRAINING && r.name.contains(", "))
+        .filter(|r| r.variant != training && r.name.contains(", "))
         .collect();
     if ablated.is_empty() {
         return Ok(ablations);
@@ -218,7 +220,7 @@ fn write_ablations(
     for r in ablated {
         let default = results
             .iter()
-            .find(|f| f.variant == Variant::TRAINING && f.method == r.method && f.stage == r.stage);
+            .find(|f| f.variant == training && f.method == r.method && f.stage == r.stage);
         let Some(default) = default else {
             continue;
         };

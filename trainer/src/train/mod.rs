@@ -154,11 +154,11 @@ pub fn train(
 }
 
 /// The step settings of this run's config, for a stage of `total_steps` steps.
-fn step_settings(config: &RunConfig, total_steps: usize) -> StepSettings {
+fn step_settings(config: &RunConfig, total_steps: usize, device: tch::Device) -> StepSettings {
     let t = &config.train;
     StepSettings {
         beta: config.method.beta,
-        batch_passes: config.method.batch_passes,
+        batch_passes: config.method.batch_passes_on(device),
         recompute_activations: t.recompute_activations,
         split_responses: false,
         row_layout: RowLayout::new(t.share_prompt),
@@ -182,7 +182,7 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
     let mut runner = StepRunner::new(
         &run.loaded.model,
         stage,
-        step_settings(config, total_steps),
+        step_settings(config, total_steps, run.loaded.model.embedding_device()),
         run.cluster.collective,
         BatchPlan::new(&config.data, topology.world_size)?,
         topology.rank,
