@@ -145,7 +145,7 @@ def main():
     seeds = sorted({seed for runs in found.values() for seed, _ in runs})
     md.append(f"Seeds: {', '.join(seeds)}. " + __doc__.split("\n\n")[1].replace("\n", " "))
     md.append("")
-    md.append("## Mean accuracy and win rate over all settings (%)")
+    md.append("## Mean accuracy (%) and win rate over all settings")
     md.append("")
     summary_table(found, md)
     any_results = next(iter(found.values()))[0][1]
