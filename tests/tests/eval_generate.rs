@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use modpo_trainer::config::RunConfig;
-use modpo_trainer::eval::generation::{self, Decoding, GenerationOptions, Scorer};
+use modpo_trainer::eval::generation::{self, Decoding, GenerationOptions};
 use modpo_trainer::eval::Bootstrap;
 use modpo_trainer::export;
 use modpo_trainer::model::generate::{generate, GenerateOptions};
@@ -19,6 +19,7 @@ use modpo_trainer::model::{load_model, Conditioning};
 use modpo_trainer::reward_model::config::RewardModelConfig;
 use modpo_trainer::reward_model::{train::train_reward_model, RewardModel};
 use modpo_trainer::saved_run;
+use modpo_trainer::synth::scorer::ScenarioScorer;
 use modpo_trainer::synth::{self, Scenario, SynthFiles, SynthSpec};
 use modpo_trainer::train::{train, Cluster, TrainOptions};
 use tch::{Device, Kind};
@@ -139,7 +140,7 @@ fn generation_at_w_is_the_merged_model_at_w_and_is_scored_by_the_rule() {
     );
 
     // The report's means are the rule applied to these very answers.
-    let scorer = Scorer::synthetic(Scenario::EasyHard, &files.dimensions).unwrap();
+    let scorer = ScenarioScorer::new(Scenario::EasyHard, &files.dimensions).unwrap();
     let comparison = generation::compare_generations(&options, &scorer).unwrap();
     let run_result = &comparison.runs[0];
     assert_eq!(comparison.weights, weights);
@@ -203,7 +204,7 @@ fn a_reward_model_scores_as_its_held_out_accuracy_says() {
         let prompt = tokenizer.encode_prompt(&pair.prompt).unwrap();
         let a = tokenizer.encode_text(&pair.response_a).unwrap();
         let b = tokenizer.encode_text(&pair.response_b).unwrap();
-        let r = rm.score(&prompt, &[&a, &b]).unwrap();
+        let r = rm.rewards(&prompt, &[&a, &b]).unwrap();
         for i in 0..2 {
             if pair.scores_a[i] != pair.scores_b[i] {
                 counted[i] += 1;
@@ -220,9 +221,7 @@ fn a_reward_model_scores_as_its_held_out_accuracy_says() {
 
     // And it scores generated answers.
     let run_dir = trained_run(tmp.path(), &files);
-    let comparison =
-        generation::compare_generations(&options(&run_dir, 1), &Scorer::RewardModel(Box::new(rm)))
-            .unwrap();
+    let comparison = generation::compare_generations(&options(&run_dir, 1), &rm).unwrap();
     assert_eq!(comparison.reference_point, summary.reference_point);
     assert!(comparison.runs[0].points[0].scores[0].mean.is_finite());
 }

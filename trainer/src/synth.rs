@@ -22,6 +22,7 @@ pub mod easy_hard;
 pub mod independent;
 pub mod interference;
 pub mod length_bias;
+pub mod scorer;
 pub mod sft;
 
 use std::io::Write;

@@ -114,7 +114,7 @@ impl RewardModelConfig {
                 message: format!("reward_model.rank: {} is not at least 1", rm.rank),
             });
         }
-        if !(rm.alpha > 0.0) {
+        if rm.alpha.is_nan() || rm.alpha <= 0.0 {
             return Err(InvalidKey {
                 key: "reward_model.alpha".into(),
                 message: format!("reward_model.alpha: {} is not positive", rm.alpha),

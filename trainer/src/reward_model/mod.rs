@@ -26,6 +26,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::eval::generation::{Answer, Scorer};
 use crate::model::{self, AdapterKind, AdapterSpec, CausalLm, Conditioning, LoadedModel};
 use crate::tokenizer::ChatTokenizer;
 
@@ -169,7 +170,7 @@ impl RewardModel {
 
     /// `rewards[r][i]` of each response (token ids, no EOS) after the chat-templated prompt,
     /// as the data pipeline lays out a pair: prompt, response, EOS.
-    pub fn score(&self, prompt_ids: &[u32], responses: &[&[u32]]) -> Result<Vec<Vec<f64>>> {
+    pub fn rewards(&self, prompt_ids: &[u32], responses: &[&[u32]]) -> Result<Vec<Vec<f64>>> {
         ensure!(!responses.is_empty(), "no response to score");
         let eos = self.tokenizer.eos_token_id();
         let pad = i64::from(self.tokenizer.pad_token_id());
@@ -206,6 +207,29 @@ impl RewardModel {
             .chunks(k)
             .map(|c| c.iter().map(|&x| f64::from(x)).collect())
             .collect())
+    }
+}
+
+impl Scorer for RewardModel {
+    fn dimensions(&self) -> &[String] {
+        &self.dimensions
+    }
+
+    fn reference_point(&self) -> Vec<f64> {
+        self.reference_point.clone()
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "the reward model {} (trained by train-rm); reference point: per dimension, the \
+             lowest reward it gives a response of its held-out split",
+            self.dir.display()
+        )
+    }
+
+    fn score(&self, prompt_ids: &[u32], answers: &[Answer]) -> Result<Vec<Vec<f64>>> {
+        let responses: Vec<&[u32]> = answers.iter().map(|a| a.ids.as_slice()).collect();
+        self.rewards(prompt_ids, &responses)
     }
 }
 

@@ -29,6 +29,9 @@ use crate::optim::{learning_rate, AdamW};
 use crate::tokenizer::ChatTokenizer;
 use crate::train::Cluster;
 
+/// Rewards of responses, `[response][dimension]`.
+type Rewards = Vec<Vec<f64>>;
+
 /// What `train-rm` leaves behind.
 #[derive(Debug, Clone)]
 pub struct RewardModelSummary {
@@ -128,8 +131,8 @@ impl RewardRun<'_> {
     }
 
     /// Rewards of every held-out pair on this process (the split is small next to training):
-    /// (r_a, r_b, preferences), each `[pairs][k]`.
-    fn held_out_rewards(&self) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+    /// (r(y_a), r(y_b)), each `[pairs][k]`.
+    fn held_out_rewards(&self) -> Result<(Rewards, Rewards)> {
         let _no_grad = tch::no_grad_guard();
         let (mut all_a, mut all_b) = (Vec::new(), Vec::new());
         let pairs: Vec<_> = self.data.eval.pairs.iter().collect();
@@ -283,6 +286,7 @@ fn train_steps(run: &RewardRun, optimizer: &mut AdamW, run_dir: &std::path::Path
             if !loss.is_finite() {
                 bail!("step {step}: the reward model's loss is {loss}");
             }
+            tracing::info!(step, total, loss, "reward model step");
             let _ = writeln!(
                 lines,
                 "{}",

@@ -559,7 +559,7 @@ fn generate_and_score(
     settings: &DemoSettings,
     dir: &Path,
 ) -> Result<GenerationComparison> {
-    let scorer = gen::Scorer::synthetic(spec.scenario, &synth.dimensions)?;
+    let scorer = super::scorer::ScenarioScorer::new(spec.scenario, &synth.dimensions)?;
     let options = GenerationOptions {
         runs: runs.to_vec(),
         prompts: settings.generate_prompts.min(spec.eval_pairs),

@@ -134,6 +134,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
 fn eval_generate(args: EvalArgs) -> Result<()> {
     use modpo_trainer::eval::generation::{self, Decoding, GenerationOptions, Scorer};
     use modpo_trainer::eval::Bootstrap;
+    use modpo_trainer::synth::scorer::ScenarioScorer;
     let out = args
         .out
         .unwrap_or_else(|| args.runs[0].join("eval-generate"));
@@ -145,13 +146,13 @@ fn eval_generate(args: EvalArgs) -> Result<()> {
         );
     }
     let dimensions = saved_run::read_run(&args.runs[0])?.meta.dimensions;
-    let scorer = match (args.scenario, &args.reward_model) {
-        (Some(scenario), None) => Scorer::synthetic(scenario, &dimensions)?,
+    let scorer: Box<dyn Scorer> = match (args.scenario, &args.reward_model) {
+        (Some(scenario), None) => Box::new(ScenarioScorer::new(scenario, &dimensions)?),
         (None, Some(dir)) => {
             let device = model::select_device(args.device.unwrap_or_default(), 0)?;
             let kind = model::select_kind(args.dtype.unwrap_or(DtypeChoice::Auto), device);
             let rm = modpo_trainer::reward_model::RewardModel::load(dir, device, kind)?;
-            Scorer::RewardModel(Box::new(rm))
+            Box::new(rm)
         }
         _ => bail!("--generate needs --scenario NAME (synthetic runs) or --reward-model DIR"),
     };
@@ -173,7 +174,7 @@ fn eval_generate(args: EvalArgs) -> Result<()> {
             ..Bootstrap::default()
         },
     };
-    let comparison = generation::compare_generations(&options, &scorer)?;
+    let comparison = generation::compare_generations(&options, scorer.as_ref())?;
     let written = generation::report::write(&comparison, &out, args.force)?;
     print!("{}", generation::report::summary_table(&comparison));
     println!();

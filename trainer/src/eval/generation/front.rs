@@ -11,7 +11,7 @@ pub fn pareto_front(points: &[[f64; 2]]) -> Vec<usize> {
     let mut front: Vec<usize> = (0..points.len())
         .filter(|&i| {
             let p = points[i];
-            !points.iter().any(|&q| dominates(q, p)) && !points[..i].iter().any(|&q| q == p)
+            !points.iter().any(|&q| dominates(q, p)) && !points[..i].contains(&p)
         })
         .collect();
     front.sort_by(|&a, &b| points[a][0].total_cmp(&points[b][0]));

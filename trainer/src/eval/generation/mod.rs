@@ -263,7 +263,7 @@ struct Measured {
 fn measure(
     answers: &[Vec<Answer>],
     prompts: &[Vec<u32>],
-    scorer: &Scorer,
+    scorer: &dyn Scorer,
     rows: usize,
 ) -> Result<Measured> {
     let mut measured = Measured {
@@ -430,7 +430,7 @@ fn vertex_gaps(measured: &Measured, weights: &[Vec<f64>], bootstrap: &Bootstrap)
 /// Generates, scores and summarises every run (one model in memory at a time).
 pub fn compare_generations(
     options: &GenerationOptions,
-    scorer: &Scorer,
+    scorer: &dyn Scorer,
 ) -> Result<GenerationComparison> {
     ensure!(
         !options.runs.is_empty(),
@@ -601,27 +601,6 @@ mod tests {
         assert_eq!(
             (gaps[1].dimension, gaps[1].against, gaps[1].gap.mean),
             (1, 0, 3.0)
-        );
-    }
-
-    #[test]
-    fn a_scenario_scores_only_runs_on_its_dimensions() {
-        let dims = ["harmless".to_string(), "helpful".to_string()];
-        let scorer = Scorer::synthetic(crate::synth::Scenario::EasyHard, &dims).unwrap();
-        // The data's rule: "weapon" makes harmless 0; helpful counts its group's words.
-        let answers = [Answer {
-            ids: vec![],
-            text: "first weapon steps guide".into(),
-        }];
-        assert_eq!(scorer.score(&[], &answers).unwrap(), vec![vec![0.0, 2.0]]);
-        assert_eq!(scorer.reference_point(), vec![0.0, 0.0]);
-        let err = Scorer::synthetic(crate::synth::Scenario::Independent, &dims)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("independent") && err.contains("harmless"),
-            "{err}"
         );
     }
 }

@@ -118,6 +118,9 @@ fn draw_front(
     Ok(())
 }
 
+/// (weight on the pair's first dimension, mean score, interval) at each point of a line.
+type ScoreLine = Vec<(f64, f64, Option<[f64; 2]>)>;
+
 fn draw_scores(
     c: &GenerationComparison,
     f: usize,
@@ -125,12 +128,12 @@ fn draw_scores(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (a, b) = c.runs[0].fronts[f].pair;
     // Per run and dimension (a, then b): (weight on a, mean, interval) at the pair's points.
-    let series: Vec<[Vec<(f64, f64, Option<[f64; 2]>)>; 2]> = c
+    let series: Vec<[ScoreLine; 2]> = c
         .runs
         .iter()
         .map(|run| {
             let on_pair = |dim: usize| {
-                let mut points: Vec<(f64, f64, Option<[f64; 2]>)> = run
+                let mut points: ScoreLine = run
                     .points
                     .iter()
                     .filter(|p| {
