@@ -58,7 +58,8 @@ def run(name, body):
     results[name] = post(body)
 
 
-# The one row: a request far longer than the timeout.
+# The one row: a request far longer than the timeout (4000 tokens; the tiny model makes about
+# a thousand a second on one core).
 long = threading.Thread(target=run, args=("long", request(4000)))
 long.start()
 wait_for("the long request to hold the row", lambda: health()["running"] == 1)

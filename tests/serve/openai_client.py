@@ -150,36 +150,44 @@ def check_errors():
     assert r.choices[0].message.content, r
 
 
-def timed_stream(w, out, key):
-    """Streams a greedy answer at `w`, recording its text and when its first and last pieces came."""
+def timed_stream(w, max_tokens, out, key, streaming=None):
+    """Streams a greedy answer at `w`, recording its text and when its first and last pieces
+    came; sets `streaming` at the first piece."""
     text, first = [], None
-    for chunk in chat(w, max_tokens=48, stream=True):
+    for chunk in chat(w, max_tokens=max_tokens, stream=True):
         for c in chunk.choices:
             if c.delta.content:
-                first = first or time.monotonic()
+                if first is None:
+                    first = time.monotonic()
+                    if streaming:
+                        streaming.set()
                 text.append(c.delta.content)
     out[key] = ("".join(text), first, time.monotonic())
 
 
 def check_two_weights_in_one_batch():
-    a, b = [0.9, 0.1], [0.0, 1.0]
-    alone_a = chat(a, max_tokens=48).choices[0].message.content
-    alone_b = chat(b, max_tokens=48).choices[0].message.content
-    assert alone_a != alone_b, "the two weightings give the same answer: the test would see no mix-up"
-    steps_before = get("/health")
-    out = {}
-    threads = [threading.Thread(target=timed_stream, args=(w, out, k)) for k, w in (("a", a), ("b", b))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # A long answer at `a` is decoding when the short one at `b` arrives and joins its batch.
+    (a, long), (b, short) = ([0.9, 0.1], 600), ([0.0, 1.0], 48)
+    alone_a = chat(a, max_tokens=long).choices[0].message.content
+    alone_b = chat(b, max_tokens=short).choices[0].message.content
+    assert alone_a[: len(alone_b)] != alone_b, "the two weightings begin alike: no mix-up would show"
+    before = get("/health")
+    out, streaming = {}, threading.Event()
+    first = threading.Thread(target=timed_stream, args=(a, long, out, "a", streaming))
+    first.start()
+    assert streaming.wait(60), "the first answer did not start"
+    second = threading.Thread(target=timed_stream, args=(b, short, out, "b"))
+    second.start()
+    first.join()
+    second.join()
     (text_a, first_a, last_a), (text_b, first_b, last_b) = out["a"], out["b"]
-    # They decoded together: each one's first token came before the other's last.
-    assert first_a < last_b and first_b < last_a, out
-    health = get("/health")
-    steps = health["decode_steps"] - steps_before["decode_steps"]
-    rows = health["decoded_rows"] - steps_before["decoded_rows"]
-    assert rows > steps, f"no step decoded both: {rows} rows in {steps} steps"
+    after = get("/health")
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["decoded_rows"] - before["decoded_rows"]
+    assert first_b < last_a and rows > steps, (
+        f"the second answer did not decode beside the first: {rows} rows in {steps} steps, "
+        f"b from {first_b} to {last_b}, a until {last_a}"
+    )
     assert text_a == alone_a, (text_a, alone_a)
     assert text_b == alone_b, (text_b, alone_b)
     print(f"two weightings in one batch: {rows} rows in {steps} steps, answers equal to alone")

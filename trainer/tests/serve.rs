@@ -150,9 +150,10 @@ fn clients_a_browser_and_a_load_test_are_served_and_sigterm_finishes_what_is_in_
     );
     assert!(figures.contains("all 8 concurrent answers equal their solo answers"));
 
-    // SIGTERM while a long answer streams: the answer still ends whole, then the server exits.
+    // SIGTERM while a long answer streams (2000 tokens, seconds here): the answer still ends
+    // whole, then the server exits.
     let body = r#"{"model": "run", "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 400, "temperature": 0, "stream": true}"#;
+        "max_tokens": 2000, "temperature": 0, "stream": true}"#;
     let streaming = std::thread::spawn(move || http(port, "POST", "/v1/chat/completions", body));
     support::wait_until("the answer streams", Duration::from_millis(10), || {
         http(port, "GET", "/health", "").is_ok_and(|r| r.contains("\"running\":1"))
@@ -179,8 +180,9 @@ fn a_full_queue_gets_503_and_a_slow_request_504() {
             "1",
             "--max-queue",
             "1",
+            // Far below the 4000-token request of limits.py (about 4 s here).
             "--request-timeout",
-            "1.5",
+            "1",
         ],
     );
     run_script(

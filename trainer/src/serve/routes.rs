@@ -246,7 +246,9 @@ impl Answer {
             }
             Event::Failed(message) => return Err(ApiError::internal(message)),
         };
-        // A choice ended by a stop string ignores the engine's later events for it.
+        // A choice ended by a stop string ignores the engine's later events for it. (With n > 1
+        // its sequence decodes on until the request ends: the choices share one channel, and
+        // dropping it is what cancels them.)
         let finish = match self.finishes[choice] {
             Some(_) => {
                 return Ok(Piece {
