@@ -71,14 +71,19 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<Stri
     Ok(response)
 }
 
-/// `serve --run RUN ARGS` on a free port, once `/health` answers; returns it with its URL.
+/// `serve --run RUN ARGS` on a free port, once `/health` answers; returns it with its port.
 fn start_server(run: &Path, args: &[&str]) -> (Job, u16) {
+    start_serving("--run", run, args)
+}
+
+/// `serve SOURCE DIR ARGS` (SOURCE `--run` or `--model`), as [`start_server`].
+fn start_serving(source: &str, dir: &Path, args: &[&str]) -> (Job, u16) {
     let port = free_port();
     let port_arg = port.to_string();
     let mut all = vec![
         "serve",
-        "--run",
-        run.to_str().unwrap(),
+        source,
+        dir.to_str().unwrap(),
         "--port",
         &port_arg,
         // One libtorch thread: on a small shared machine the tiny model's many small ops run
@@ -193,4 +198,33 @@ fn a_full_queue_gets_503_and_a_slow_request_504() {
     server.signal("TERM");
     let finished = server.finish();
     assert!(finished.status.success(), "{}", finished.stderr);
+}
+
+#[test]
+fn a_model_without_adapters_is_served_and_refuses_preference_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    support::tiny_model(&model, 3);
+    let (server, port) = start_serving("--model", &model, &[]);
+    let request = |extra: &str| {
+        let body = format!(
+            r#"{{"model": "model", "messages": [{{"role": "user", "content": "Hi"}}],
+                "max_tokens": 4, "temperature": 0{extra}}}"#
+        );
+        http(port, "POST", "/v1/chat/completions", &body).unwrap()
+    };
+    let answer = request("");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("\"completion_tokens\":4"),
+        "{answer}"
+    );
+    let refused = request(r#", "preference_weights": [1.0]"#);
+    assert!(
+        refused.starts_with("HTTP/1.1 400")
+            && refused.contains("\"param\":\"preference_weights\"")
+            && refused.contains("without preference adapters"),
+        "{refused}"
+    );
+    server.signal("TERM");
+    assert!(server.finish().status.success());
 }
