@@ -170,7 +170,7 @@ struct DemoSettings {
 }
 
 /// Prompts of the generation table when the config does not say: few, so the demo stays short.
-pub const GENERATE_PROMPTS: usize = 12;
+pub const GENERATE_PROMPTS: usize = 8;
 /// Most new tokens of a demo answer when the config does not say (`[demo] generate_tokens`):
 /// the synthetic responses are 8 to 13 words, about 50 to 80 bytes of the byte-level tokenizer.
 pub const GENERATE_TOKENS: usize = 64;
