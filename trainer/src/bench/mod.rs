@@ -308,13 +308,15 @@ impl Bench {
         self.sync();
         memory::reset_peak_rss();
         let (mut times, mut tokens, mut flops) = (Vec::new(), 0i64, 0f64);
+        let never = std::sync::atomic::AtomicBool::new(false); // no stop signal in a benchmark
         for (step_index, global) in batches.iter().enumerate() {
             let started = Instant::now();
             let source = match &reference {
                 Some(cached) => ReferenceSource::Cached(cached),
                 None => ReferenceSource::EveryStep,
             };
-            let outcome = runner.step(&self.pairs, global, source, step_index, LEARNING_RATE)?;
+            let outcome =
+                runner.step(&self.pairs, global, source, step_index, LEARNING_RATE, &never)?;
             for p in &base_params {
                 let mut g = p.grad();
                 if g.defined() {

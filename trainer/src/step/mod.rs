@@ -7,6 +7,8 @@
 
 mod passes;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -73,6 +75,8 @@ pub struct StepOutcome {
     pub tokens: i64,
     /// AdaLoRA runs: the orthogonality penalty (part of `loss`) and the kept triplets.
     pub adalora: Option<AdaLoraOutcome>,
+    /// Whether any rank asked to stop (a signal) by the time the step's metrics were reduced.
+    pub stop_requested: bool,
 }
 
 /// What AdaLoRA's extras did in a step.
@@ -150,9 +154,10 @@ impl<'a> StepRunner<'a> {
         reference: ReferenceSource,
         step: usize,
         lr: f64,
+        stop: &AtomicBool,
     ) -> Result<StepOutcome> {
         let (stats, penalty) = self.backward(pairs, global, reference, step);
-        let mut outcome = self.update(stats, lr, step)?;
+        let mut outcome = self.update(stats, lr, step, stop)?;
         outcome.adalora = self
             .rank_allocator
             .as_ref()
@@ -284,17 +289,26 @@ impl<'a> StepRunner<'a> {
             .context("all-reduce of the gradients")
     }
 
-    /// All-reduce of the gradients, clipping, the metrics reduced over ranks, then (if both
-    /// are finite) the AdamW update.
-    fn update(&mut self, stats: StepStats, lr: f64, step: usize) -> Result<StepOutcome> {
+    /// All-reduce of the gradients, clipping, the metrics reduced over ranks (with this rank's
+    /// `stop` flag as it is after the backward: one collective, and a sum above 0 means some
+    /// rank asked), then (if both are finite) the AdamW update.
+    fn update(
+        &mut self,
+        stats: StepStats,
+        lr: f64,
+        step: usize,
+        stop: &AtomicBool,
+    ) -> Result<StepOutcome> {
         self.reduce_gradients()?;
         let grad_norm = self.optimizer.clip_grad_norm(self.settings.max_grad_norm);
         let mut sums =
             Vec::<f64>::try_from(stats.sums.to_device(Device::Cpu).to_kind(Kind::Double))?;
         sums.push(stats.tokens as f64);
+        sums.push(f64::from(u8::from(stop.load(Ordering::SeqCst))));
         self.collective
             .all_reduce_f64(&mut sums, Op::Sum)
             .context("reducing the step's metrics")?;
+        let stop_requested = sums.pop().unwrap_or(0.0) > 0.0;
         let tokens = sums.pop().unwrap_or(0.0) as i64;
         let loss = sums[0];
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -316,6 +330,7 @@ impl<'a> StepRunner<'a> {
             dimension_sums: sums.split_off(1),
             tokens,
             adalora: None,
+            stop_requested,
         })
     }
 }

@@ -223,17 +223,25 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
             total_steps,
         );
         let reference = ReferenceSource::Cached(&run.reference);
-        let outcome = runner.step(&run.data.train.pairs, &global, reference, step, lr)?;
+        let outcome = runner.step(
+            &run.data.train.pairs,
+            &global,
+            reference,
+            step,
+            lr,
+            &run.stop,
+        )?;
         step += 1;
         run.record_step(stage, epoch, step, lr, &outcome, started)?;
         crash_point::reached("step");
         progress.inc(1);
 
-        // Between steps: evaluation, the stop signal, the replica check, checkpoints.
+        // Between steps: evaluation, the stop signal (reduced with the step's metrics), the
+        // replica check, checkpoints.
         if t.eval_every > 0 && (step % t.eval_every == 0 || step == total_steps) {
             run.record_evaluation(stage, step)?;
         }
-        let stop = run.stop_requested()?;
+        let stop = outcome.stop_requested;
         if t.check_replicas_every > 0 && step % t.check_replicas_every == 0 {
             check_replicas(
                 run.cluster.collective,

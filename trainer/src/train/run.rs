@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,8 +45,10 @@ pub(super) struct Run<'a> {
     /// Held-out conflict pairs and their reference log-probs, on rank 0 when
     /// `train.eval_every` > 0.
     pub evaluation: Option<ReferenceLogps>,
-    /// Set by SIGTERM or SIGUSR1: stop at the next step boundary with a checkpoint.
-    stop: Arc<AtomicBool>,
+    /// Set by SIGTERM or SIGUSR1: stop at the next step boundary with a checkpoint. Reduced
+    /// over ranks with each step's metrics, so a signal to one rank stops every rank at the
+    /// same step.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl<'a> Run<'a> {
@@ -210,17 +212,6 @@ impl<'a> Run<'a> {
             Some(record) => self.write_metrics(&record),
             None => Ok(()),
         }
-    }
-
-    /// Whether any rank got SIGTERM / SIGUSR1: a signal to one rank stops every rank at this
-    /// same step.
-    pub fn stop_requested(&self) -> Result<bool> {
-        let mut stop_flag = [f64::from(u8::from(self.stop.load(Ordering::SeqCst)))];
-        self.cluster
-            .collective
-            .all_reduce_f64(&mut stop_flag, Op::Max)
-            .context("reducing the stop flag")?;
-        Ok(stop_flag[0] > 0.0)
     }
 
     /// The stage's progress bar (hidden on ranks other than 0), at `step` of `total_steps`.
