@@ -315,8 +315,14 @@ impl Bench {
                 Some(cached) => ReferenceSource::Cached(cached),
                 None => ReferenceSource::EveryStep,
             };
-            let outcome =
-                runner.step(&self.pairs, global, source, step_index, LEARNING_RATE, &never)?;
+            let outcome = runner.step(
+                &self.pairs,
+                global,
+                source,
+                step_index,
+                LEARNING_RATE,
+                &never,
+            )?;
             for p in &base_params {
                 let mut g = p.grad();
                 if g.defined() {
