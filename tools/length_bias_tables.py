@@ -6,7 +6,9 @@ correlation of the implicit margin with the length difference), from each seed's
 
 Over several seeds a cell is the mean over the seeds that count a pair there, +- the half-width
 of a 95% Student-t interval over those seeds; with one seed it is that seed's value and its
-95% bootstrap interval over pairs (from `eval`). Usage: length_bias_tables.py OUT_DIR
+95% bootstrap interval over pairs (from `eval`).
+
+Usage: length_bias_tables.py OUT_DIR
 """
 
 import json
@@ -124,6 +126,26 @@ def length_table(per_seed, pair, md):
     md.append("| pairs L, S (all seeds) | " + " | ".join(split) + " |")
 
 
+def per_seed_table(found, pair, md):
+    """Each seed's accuracy and margin-length correlation: the mean over seeds hides a model
+    that learns "longer wins" in one seed and "shorter wins" in another."""
+    any_results = next(iter(found.values()))[0][1]
+    columns = [s["first_weight"] for s in settings_of(any_results, pair)]
+    head = " | ".join(f"({w:g}, {1 - w:g})" for w in columns)
+    md.append(f"| correction | method | seed | {head} |")
+    md.append("|---" * (len(columns) + 3) + "|")
+    for correction in CORRECTIONS:
+        for seed, results in found.get(correction, []):
+            for label in [r["label"] for r in results["runs"]]:
+                cells = []
+                for setting in settings_of(results, pair):
+                    r = by_label(setting, label)
+                    rho = r["length"]["margin_length_correlation"]
+                    rho_text = "-" if rho is None else f"{rho:.2f}"
+                    cells.append(f"{r['accuracy'] * 100:.0f}, r {rho_text}")
+                md.append(f"| {correction} | {label} | {seed} | " + " | ".join(cells) + " |")
+
+
 def summary_table(found, md):
     md.append("| correction | method | mean accuracy (all settings) | win rate |")
     md.append("|---|---|---|---|")
@@ -162,6 +184,9 @@ def main():
             if correction in found:
                 md += ["", f"`{correction}`:", ""]
                 length_table(found[correction], pair, md)
+        if len(seeds) > 1:
+            md += ["", f"## {pair[0]} x {pair[1]}: each seed (accuracy %, r)", ""]
+            per_seed_table(found, pair, md)
     print("\n".join(md))
 
 
