@@ -422,6 +422,7 @@ pub fn per_row(batch: &BatchTensors, conditioning: Conditioning) -> RowCondition
         }),
         Conditioning::Reference => RowConditioning::Reference,
         Conditioning::SharedOnly => RowConditioning::SharedOnly,
+        Conditioning::Dimension(i) => RowConditioning::Dimension(i),
     }
 }
 
@@ -431,6 +432,7 @@ pub enum RowConditioning {
     SharedOnly,
     /// [R, k]
     Weighted(Tensor),
+    Dimension(i64),
 }
 
 impl RowConditioning {
@@ -439,6 +441,7 @@ impl RowConditioning {
             RowConditioning::Reference => Conditioning::Reference,
             RowConditioning::SharedOnly => Conditioning::SharedOnly,
             RowConditioning::Weighted(w) => Conditioning::Weighted(w),
+            RowConditioning::Dimension(i) => Conditioning::Dimension(*i),
         }
     }
 }

@@ -72,6 +72,10 @@ pub enum Conditioning<'a> {
     SharedOnly,
     /// Shared block plus dimension blocks weighted per row: `weights` is [batch, k].
     Weighted(&'a Tensor),
+    /// `w = 1_i` for every row (the per-dimension passes): the shared block and dimension
+    /// block `i` only; the k - 1 blocks whose weight is 0 in every row are skipped, not
+    /// multiplied by 0. Equal to `Weighted` with 1_i rows up to the GEMMs' summation order.
+    Dimension(i64),
 }
 
 /// How the blocks' GEMMs are laid out. `Stacked` is what training uses; `PerBlock` is the
@@ -207,6 +211,26 @@ impl Adapter {
                 let h = x.matmul(&shared.down().to_kind(kind).tr()) * scale; // [b, t, r]
                 add_low_rank(base, &h, &shared.b.to_kind(kind))
             }
+            (Conditioning::Dimension(i), shared) if self.gemms == LoraGemms::PerBlock => {
+                let r = self.spec.rank;
+                let down = self.dimensions.down().narrow(0, i * r, r);
+                let up = self.dimensions.b.narrow(1, i * r, r);
+                let mut pairs = vec![(down, up)];
+                if let Some(s) = shared {
+                    pairs.insert(0, (s.down(), s.b.shallow_clone()));
+                }
+                let mut sum = base;
+                for (a_j, b_j) in pairs {
+                    let h = x.matmul(&a_j.to_kind(kind).tr()) * scale; // [b, t, r]
+                    sum = add_low_rank(sum, &h, &b_j.to_kind(kind));
+                }
+                sum
+            }
+            (Conditioning::Dimension(i), _) => {
+                let (a_used, b_used) = self.blocks_of_dimension(i, kind);
+                let h = x.matmul(&a_used.tr()) * scale; // [b, t, used blocks * r]
+                add_low_rank(base, &h, &b_used)
+            }
             (Conditioning::Weighted(weights), shared) if self.gemms == LoraGemms::PerBlock => {
                 let r = self.spec.rank;
                 let w = weights.to_kind(kind); // [b, k]
@@ -252,6 +276,27 @@ impl Adapter {
                 Tensor::cat(&[&s.b, &d.b], 1).to_kind(kind),
             ),
             None => (d.down().to_kind(kind), d.b.to_kind(kind)),
+        }
+    }
+
+    /// The blocks a `w = 1_i` pass uses, stacked as [`Adapter::stacked`] stacks all of them:
+    /// A [(shared + 1) r, in] and B [out, (shared + 1) r], shared block first.
+    fn blocks_of_dimension(&self, i: i64, kind: Kind) -> (Tensor, Tensor) {
+        let r = self.spec.rank;
+        assert!(
+            (0..self.spec.num_dimensions).contains(&i),
+            "dimension {i} of an adapter with {} dimensions",
+            self.spec.num_dimensions
+        );
+        let d = &self.dimensions;
+        let a_i = d.down().narrow(0, i * r, r); // [r, in]
+        let b_i = d.b.narrow(1, i * r, r); // [out, r]
+        match &self.shared {
+            Some(s) => (
+                Tensor::cat(&[s.down(), a_i], 0).to_kind(kind),
+                Tensor::cat(&[&s.b, &b_i], 1).to_kind(kind),
+            ),
+            None => (a_i.to_kind(kind), b_i.to_kind(kind)),
         }
     }
 

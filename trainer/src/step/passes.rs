@@ -325,11 +325,12 @@ fn passes_one_by_one(losses: &MicroLosses) -> (Tensor, Vec<PassRewards>) {
     let (ctx, inputs) = (losses.ctx, losses.inputs);
     let t = inputs.tensors;
     let reference = (&inputs.reference_a, &inputs.reference_b);
-    let weights = pass_weights(ctx, inputs);
     let mut total = Tensor::zeros([], (Kind::Float, t.input_ids.device()));
     let mut unit = Vec::with_capacity(ctx.k);
-    for (i, w) in weights.iter().take(ctx.k).enumerate() {
-        let (l, pass) = forward_backward(ctx, t, Conditioning::Weighted(w), |a, b| {
+    for i in 0..ctx.k {
+        // w = 1_i in every row: the k - 1 zero-weight dimension blocks are skipped.
+        let conditioning = Conditioning::Dimension(i as i64);
+        let (l, pass) = forward_backward(ctx, t, conditioning, |a, b| {
             let pass = PassRewards::new(reference, (a, b));
             let l = losses.dimension(i, &pass);
             (l.shallow_clone(), (l.detach(), pass.detach()))
@@ -338,7 +339,11 @@ fn passes_one_by_one(losses: &MicroLosses) -> (Tensor, Vec<PassRewards>) {
         unit.push(pass);
     }
     if ctx.plan.draws_weights() {
-        let l = forward_backward(ctx, t, Conditioning::Weighted(&weights[ctx.k]), |a, b| {
+        let drawn = inputs
+            .drawn_weights
+            .as_ref()
+            .expect("this plan draws weights"); // [B, k]
+        let l = forward_backward(ctx, t, Conditioning::Weighted(drawn), |a, b| {
             let l = losses.drawn(&PassRewards::new(reference, (a, b)), &unit);
             (l.shallow_clone(), l.detach())
         });

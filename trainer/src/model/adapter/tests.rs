@@ -323,3 +323,63 @@ fn orthogonality_terms_are_one_norm_per_module_and_matrix() {
     assert_eq!(count, 6, "3 modules x (Q, P)");
     assert!((total.double_value(&[]) - expected).abs() < 1e-5);
 }
+
+/// The adapter's parameters and their gradients after a backward of `sum(out * g)`.
+fn output_and_grads(layer: &ConditionedLinear, x: &Tensor, cond: Conditioning) -> Vec<Tensor> {
+    let adapter = layer.adapter.as_ref().unwrap();
+    let params: Vec<Tensor> = adapter
+        .groups()
+        .flat_map(|(_, g)| {
+            let mut p = vec![g.a.shallow_clone(), g.b.shallow_clone()];
+            p.extend(g.singular.as_ref().map(|s| s.values.shallow_clone()));
+            p
+        })
+        .collect();
+    let out = layer.forward(x, cond); // [b, t, out]
+    let g = Tensor::linspace(-1.0, 1.0, out.numel() as i64, (Kind::Float, Device::Cpu));
+    let loss = (&out * g.view(out.size().as_slice())).sum(Kind::Float);
+    let mut all = vec![out.detach()];
+    all.extend(Tensor::run_backward(&[loss], &params, false, false));
+    all
+}
+
+/// A w = 1_i pass with the zero-weight blocks skipped computes what the weighted forward
+/// computes at 1_i, value and gradient (the skipped blocks' gradients are exact zeros), for
+/// LoRA with and without the shared block, AdaLoRA, and the per-block GEMMs.
+#[test]
+fn a_dimension_pass_equals_weighted_at_the_vertex() {
+    tch::manual_seed(5);
+    let lora = |shared| AdapterSpec {
+        kind: AdapterKind::Lora,
+        rank: 3,
+        alpha: 6.0,
+        num_dimensions: 3,
+        shared,
+    };
+    let mut layers = Vec::new();
+    for shared in [true, false] {
+        let vs = VarStore::new(Device::Cpu);
+        layers.push((layer(&vs, &lora(shared)), vs));
+    }
+    let vs = VarStore::new(Device::Cpu);
+    layers.push((ada_layer(&vs, 3).0, vs));
+    let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+    for (mut layer, _vs) in layers {
+        for gemms in [LoraGemms::Stacked, LoraGemms::PerBlock] {
+            layer.adapter.as_mut().unwrap().gemms = gemms;
+            for i in 0..3 {
+                let w = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+                let _ = w.narrow(1, i, 1).fill_(1.0);
+                let skipped = output_and_grads(&layer, &x, Conditioning::Dimension(i));
+                let weighted = output_and_grads(&layer, &x, Conditioning::Weighted(&w));
+                for (j, (s, w)) in skipped.iter().zip(&weighted).enumerate() {
+                    let diff = (s - w).abs().max().double_value(&[]);
+                    assert!(
+                        diff <= 1e-5,
+                        "{gemms:?}, 1_{i}, tensor {j}: max abs diff {diff}"
+                    );
+                }
+            }
+        }
+    }
+}
