@@ -123,8 +123,8 @@ fn write_header(text: &mut String, bench: &Bench) -> Result<()> {
     )?;
     writeln!(
         text,
-        "{:<40} {:>10} {:>8} {:>10} {:>10} {:>6} {:>9}",
-        "case", "median ms", "pairs/s", "tokens/s", "GFLOP/st", "MFU", "peak MiB"
+        "{:<40} {:>10} {:>8} {:>10} {:>10} {:>6} {:>9} {:>9}",
+        "case", "median ms", "pairs/s", "tokens/s", "GFLOP/st", "MFU", "peak MiB", "plan MiB"
     )?;
     Ok(())
 }
@@ -134,14 +134,15 @@ fn write_cases(text: &mut String, results: &[CaseResult]) -> Result<()> {
     for r in results {
         writeln!(
             text,
-            "{:<40} {:>10.1} {:>8.2} {:>10.0} {:>10.2} {:>5.1}% {:>9}",
+            "{:<40} {:>10.1} {:>8.2} {:>10.0} {:>10.2} {:>5.1}% {:>9} {:>9}",
             r.name,
             r.median_ms,
             r.pairs_per_s,
             r.policy_tokens_per_s,
             r.flops_per_step / 1e9,
             r.mfu * 100.0,
-            mib(r.peak_memory_bytes)
+            mib(r.peak_memory_bytes),
+            mib(r.predicted_peak_bytes)
         )?;
     }
     Ok(())
@@ -160,9 +161,11 @@ fn write_baselines(
     }
     writeln!(
         text,
-        "\nalternatives (same model, pairs, rank and batch), {} rounds each; speed: pairs per \
-         median step, ours timed right before each round's run; the median round's ratio, \
-         every round's in brackets",
+        "\nalternatives (same model, pairs, rank and batch, and our glibc malloc setting: no \
+         mmap, no trimming), {} rounds each; speed: pairs per median step, ours timed right \
+         before each round's run; the median round's ratio, every round's in brackets. The \
+         headline for stage 1 is TRL with a precomputed reference (ours reads cached \
+         reference log-probs too); TRL's default, a reference forward every step, follows",
         rounds
     )?;
     for b in baselines {
