@@ -18,6 +18,7 @@ pub mod method;
 pub mod model;
 pub mod optim;
 pub mod paths;
+pub mod plan;
 pub mod rank_allocation;
 pub mod reference;
 pub mod reward_model;

@@ -91,6 +91,10 @@ pub struct CaseResult {
     pub matmul_rate: f64,
     /// Peak resident set (CPU) or device memory in use (GPU), bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// The memory planner's prediction of that peak (`plan`), at the case's largest batch;
+    /// None for the variants it does not model.
+    #[serde(default)]
+    pub predicted_peak_bytes: Option<u64>,
 }
 
 impl CaseResult {

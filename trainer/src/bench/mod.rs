@@ -39,6 +39,7 @@ use crate::data::{epoch_batches, BatchPlan, TokenizedPair};
 use crate::logps::RowLayout;
 use crate::method::{stages, MethodConfig, MethodName, Stage, UnitPasses, WeightSampling};
 use crate::model::{self, AdapterSpec, CausalLm, LoraGemms, ModelConfig};
+use crate::plan;
 use crate::reference;
 use crate::step::{ReferenceSource, StepRunner, StepSettings};
 use crate::tokenizer::ChatTokenizer;
@@ -361,10 +362,71 @@ impl Bench {
             mfu: 0.0,
             matmul_rate: self.matmul_rate,
             peak_memory_bytes: self.peak_memory(),
+            predicted_peak_bytes: self.predicted_peak(case, &stage, &batches, micro_batch),
         };
         // This process's own rate; the parent fills the rates in again against the best one.
         result.fill_rates(self.matmul_rate);
         Ok(result)
+    }
+
+    /// The memory planner's peak for `case` (`plan::StageLoad`), the largest over its
+    /// batches; None for what the planner does not model (the reference every step, two
+    /// forwards, per-block GEMMs, gradients for the base).
+    fn predicted_peak(
+        &self,
+        case: &Case,
+        stage: &Stage,
+        batches: &[Vec<usize>],
+        micro_batch: usize,
+    ) -> Option<u64> {
+        let v = case.variant;
+        if !(v.reference_cache && v.joint_responses && v.stacked_lora && v.frozen_base) {
+            return None;
+        }
+        let spec = self.adapter_spec(case.method);
+        let context = plan::StageContext {
+            model: &self.config,
+            kind: self.kind,
+            spec: &spec,
+            k: self.k,
+            longest_pair: (1, 1, 1),
+            shared_prompt: v.shared_prompt,
+            rank_batch: micro_batch,
+            world_size: 1,
+            target: match self.options.device {
+                Device::Cpu => plan::Target::Cpu,
+                _ => plan::Target::Cuda,
+            },
+        };
+        let load = plan::StageLoad::of_stage(stage, &context);
+        let setting = plan::Setting {
+            micro_batch,
+            batch_passes: v.batched_passes,
+            recompute: v.recompute_activations,
+        };
+        let len = |ids: &[u32]| ids.len() as i64;
+        batches
+            .iter()
+            .map(|batch| {
+                let lengths: Vec<(i64, i64, i64)> = batch
+                    .iter()
+                    .map(|&i| &self.pairs[i])
+                    .map(|p| {
+                        (
+                            len(&p.prompt_ids),
+                            len(&p.response_a_ids),
+                            len(&p.response_b_ids),
+                        )
+                    })
+                    .collect();
+                let rows = plan::Rows::of_pairs(&lengths, v.shared_prompt);
+                let rows = match v.batched_passes {
+                    true => rows.replicated(load.passes),
+                    false => rows,
+                };
+                load.predict_rows(setting, rows).total
+            })
+            .max()
     }
 
     /// Model FLOPs of one step over `pairs`: every pass over both responses of every pair,

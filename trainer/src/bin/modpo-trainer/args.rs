@@ -43,6 +43,9 @@ pub struct TrainRmArgs {
     /// [reward_model]); see configs/reward_model/.
     #[arg(long)]
     pub config: PathBuf,
+    /// Continue the run in train.output_dir from its latest valid checkpoint.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Args)]
@@ -344,4 +347,32 @@ pub struct BenchArgs {
     /// Internal: the micro-batch of the case timed by --child-case.
     #[arg(long, hide = true)]
     pub child_micro_batch: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The run config (TOML) to plan; its model's config.json is read from `model.path`
+    /// unless --model or --architecture says otherwise.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Memory of one device, GiB (2^30 bytes).
+    #[arg(long, default_value_t = 80.0)]
+    pub gpu_memory: f64,
+    /// Ranks the global batch splits over (the paper's runs: 8).
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
+    /// Where the run would train: the runtime's memory, the dtype `auto` picks, how
+    /// gradients are reduced and the speed ranking.
+    #[arg(long, value_enum, default_value = "cuda")]
+    pub device: modpo_trainer::plan::Target,
+    /// A model directory holding config.json, instead of the config's `model.path`.
+    #[arg(long, conflicts_with = "architecture")]
+    pub model: Option<PathBuf>,
+    /// A built-in model shape instead of any directory: llama3-8b or mistral-7b.
+    #[arg(long)]
+    pub architecture: Option<String>,
+    /// Plan for shared rows of at most this many tokens (the longest row `data inspect`
+    /// reports) instead of the worst case of data.max_length (2 max_length - 1).
+    #[arg(long)]
+    pub row_tokens: Option<i64>,
 }

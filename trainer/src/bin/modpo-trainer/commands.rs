@@ -14,7 +14,8 @@ use modpo_trainer::tokenizer::{ChatMessage, ChatTokenizer};
 use modpo_trainer::train::{Cluster, TrainOptions};
 
 use crate::args::{
-    BenchArgs, DemoArgs, ImportGgufArgs, InfoArgs, SynthArgs, TinyModelArgs, TrainArgs, TrainRmArgs,
+    BenchArgs, DemoArgs, ImportGgufArgs, InfoArgs, PlanArgs, SynthArgs, TinyModelArgs, TrainArgs,
+    TrainRmArgs,
 };
 
 pub fn info(args: &InfoArgs) -> Result<()> {
@@ -155,13 +156,18 @@ pub fn train_rm(args: &TrainRmArgs) -> Result<()> {
         topology,
         collective: collective.as_ref(),
     };
-    let run = || train::train_reward_model(&config, &text, &cluster);
+    let run = || train::train_reward_model(&config, &text, args.resume, &cluster);
     let summary = if topology.world_size == 1 {
         run()?
     } else {
         run_or_abort(collective.as_ref(), run)
     };
-    if topology.is_main() {
+    if topology.is_main() && summary.stopped {
+        println!(
+            "stopped by signal after a checkpoint in {}; continue with --resume",
+            summary.run_dir.display()
+        );
+    } else if topology.is_main() {
         print!("{}", train::accuracy_markdown(&summary));
         println!("reward model: {}", summary.run_dir.display());
     }
@@ -300,4 +306,25 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         child: args.child_case.zip(args.child_micro_batch),
     })?;
     bench.run()
+}
+
+/// `plan`: the table of every stage's predicted peak and chosen setting; an error (exit status
+/// 1) when some stage fits in no setting.
+pub fn plan(args: &PlanArgs) -> Result<()> {
+    if !(args.gpu_memory > 0.0 && args.gpu_memory.is_finite()) {
+        bail!("--gpu-memory must be a positive number of GiB");
+    }
+    if args.world_size == 0 {
+        bail!("--world-size must be at least 1");
+    }
+    let options = modpo_trainer::plan::config_plan::PlanOptions {
+        config: args.config.clone(),
+        budget: (args.gpu_memory * (1u64 << 30) as f64) as u64,
+        world_size: args.world_size,
+        target: args.device,
+        model: args.model.clone(),
+        architecture: args.architecture.clone(),
+        row_tokens: args.row_tokens,
+    };
+    modpo_trainer::plan::config_plan::run(&options).map(|_| ())
 }

@@ -13,7 +13,7 @@ use modpo_launcher::Topology;
 
 use args::{
     BenchArgs, CurvesArgs, DemoArgs, EvalArgs, ExportArgs, GenerateArgs, ImportGgufArgs, InfoArgs,
-    SynthArgs, TinyModelArgs, TrainArgs, TrainRmArgs,
+    PlanArgs, SynthArgs, TinyModelArgs, TrainArgs, TrainRmArgs,
 };
 
 #[derive(Parser)]
@@ -70,6 +70,11 @@ enum Command {
     /// off in turn, and (cpu preset) TRL + PEFT and a plain PyTorch stage-3 loop on the same
     /// model and pairs: a table on stdout and <out>/results.json.
     Bench(BenchArgs),
+    /// The predicted peak memory of every stage's step, by part (weights, activations with and
+    /// without recomputation, LM head, adapters with gradients and AdamW, all-reduce buffer,
+    /// runtime), and the fastest setting that fits --gpu-memory; exits non-zero when some
+    /// stage fits in no setting.
+    Plan(PlanArgs),
     /// Serve a run (or a model) behind an OpenAI-compatible HTTP endpoint with per-request
     /// preference weights, continuous batching and a playground page at `/`.
     Serve(modpo_trainer::serve::ServeArgs),
@@ -108,7 +113,11 @@ fn keep_freed_memory() {
 fn keep_freed_memory() {}
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    // MODPO_KEEP_FREED_MEMORY=0 leaves glibc's defaults (and GLIBC_TUNABLES) in force: how
+    // the memory planner's CPU figures were checked against live memory.
+    if std::env::var_os("MODPO_KEEP_FREED_MEMORY").is_none_or(|v| v != "0") {
+        keep_freed_memory();
+    }
     // Rank 0 tells the story; the other ranks of a job only warn (RUST_LOG overrides both).
     let is_main_rank = Topology::from_env().map(|t| t.is_main()).unwrap_or(true);
     let default_level = if is_main_rank { "info" } else { "warn" };
@@ -135,6 +144,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => commands::synth(&args),
         Command::Demo(args) => commands::demo(args),
         Command::Bench(args) => commands::bench(args),
+        Command::Plan(args) => commands::plan(&args),
         Command::Serve(args) => modpo_trainer::serve::serve(&args),
     };
     match result {
