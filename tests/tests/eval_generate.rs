@@ -180,9 +180,9 @@ fn a_reward_model_scores_as_its_held_out_accuracy_says() {
     let path = tmp.path().join("rm.toml");
     std::fs::write(&path, &text).unwrap();
     let config = RewardModelConfig::load(&path).unwrap();
-    let summary = train_reward_model(&config, &text, &Cluster::single()).unwrap();
+    let summary = train_reward_model(&config, &text, false, &Cluster::single()).unwrap();
     assert_eq!(summary.steps, 96 / 16);
-    let err = train_reward_model(&config, &text, &Cluster::single()).unwrap_err();
+    let err = train_reward_model(&config, &text, false, &Cluster::single()).unwrap_err();
     assert!(err.to_string().contains("already holds"), "{err}");
 
     // Loaded back, the model reproduces the held-out accuracy pair by pair.

@@ -197,9 +197,17 @@ impl AdapterMeta {
 
 /// Writes every variable of `adapters` (f32) with `meta` to `path`, atomically.
 pub fn save_adapters(path: &Path, adapters: &VarStore, meta: &AdapterMeta) -> Result<()> {
-    let mut named: Vec<(String, Vec<i64>, Vec<u8>)> = adapters
-        .variables()
-        .into_iter()
+    save_tensors(path, &adapters.variables(), meta)
+}
+
+/// [`save_adapters`] of any named tensors (a reward model's head and adapters).
+pub fn save_tensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    meta: &AdapterMeta,
+) -> Result<()> {
+    let mut named: Vec<(String, Vec<i64>, Vec<u8>)> = tensors
+        .iter()
         .map(|(name, t)| {
             let t = t
                 .detach()
@@ -208,7 +216,7 @@ pub fn save_adapters(path: &Path, adapters: &VarStore, meta: &AdapterMeta) -> Re
                 .contiguous();
             let values = Vec::<f32>::try_from(t.reshape([-1])).expect("f32 tensor");
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name, t.size(), bytes)
+            (name.clone(), t.size(), bytes)
         })
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -307,15 +315,19 @@ pub fn read_adapter_meta(path: &Path) -> Result<AdapterMeta> {
 /// Loads an adapter file into `adapters`, whose variables must match it name for name and
 /// shape for shape.
 pub fn load_adapters(path: &Path, adapters: &VarStore) -> Result<()> {
+    load_tensors(path, &adapters.variables())
+}
+
+/// [`load_adapters`] into any named tensors (those [`save_tensors`] wrote).
+pub fn load_tensors(path: &Path, variables: &HashMap<String, Tensor>) -> Result<()> {
     let bytes = std::fs::read(path).map_err(io("read", path))?;
     let file = SafeTensors::deserialize(&bytes).map_err(unparsable(path, "safetensors file"))?;
     let incompatible = |message: String| CheckpointError::Incompatible {
         path: path.to_path_buf(),
         message,
     };
-    let variables = adapters.variables();
     let _no_grad = tch::no_grad_guard();
-    for (name, var) in &variables {
+    for (name, var) in variables {
         let view = file
             .tensor(name)
             .map_err(|_| incompatible(format!("missing adapter `{name}`")))?;
@@ -417,9 +429,27 @@ pub fn write_checkpoint(
     optimizer_state: &[(String, Tensor)],
     state: &TrainerState,
 ) -> Result<PathBuf> {
+    write_checkpoint_of(
+        checkpoints,
+        &adapters.variables(),
+        meta,
+        optimizer_state,
+        state,
+    )
+}
+
+/// [`write_checkpoint`] of any named trainable tensors in place of the adapters (a reward
+/// model's head and adapters, `train-rm`), read back by [`load_tensors`].
+pub fn write_checkpoint_of(
+    checkpoints: &Path,
+    trainable: &HashMap<String, Tensor>,
+    meta: &AdapterMeta,
+    optimizer_state: &[(String, Tensor)],
+    state: &TrainerState,
+) -> Result<PathBuf> {
     let name = checkpoint_name(state.stage, state.step, state.stage_finished);
     let tmp = checkpoints.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
-    let written = write_checkpoint_files(&tmp, adapters, meta, optimizer_state, state);
+    let written = write_checkpoint_files(&tmp, trainable, meta, optimizer_state, state);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -446,7 +476,7 @@ const TMP_PREFIX: &str = ".tmp-";
 /// Every file of a checkpoint, flushed, into the directory `tmp`.
 fn write_checkpoint_files(
     tmp: &Path,
-    adapters: &VarStore,
+    trainable: &HashMap<String, Tensor>,
     meta: &AdapterMeta,
     optimizer_state: &[(String, Tensor)],
     state: &TrainerState,
@@ -455,7 +485,7 @@ fn write_checkpoint_files(
         std::fs::remove_dir_all(tmp).map_err(io("clear", tmp))?;
     }
     std::fs::create_dir_all(tmp).map_err(io("create", tmp))?;
-    save_adapters(&tmp.join(ADAPTERS_FILE), adapters, meta)?;
+    save_tensors(&tmp.join(ADAPTERS_FILE), trainable, meta)?;
     crash_point::reached("checkpoint-adapters-written");
     let optimizer_path = tmp.join(OPTIMIZER_FILE);
     if optimizer_state.is_empty() {

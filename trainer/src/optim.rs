@@ -68,6 +68,41 @@ impl AdamW {
         }
     }
 
+    /// The moments by name (`exp_avg.{i}`, `exp_avg_sq.{i}`, i in the order of `params`), as a
+    /// checkpoint's `optimizer.safetensors` holds them.
+    pub fn moments(&self) -> Vec<(String, Tensor)> {
+        let mut moments = Vec::with_capacity(2 * self.params.len());
+        for (i, (m, v)) in self.exp_avg.iter().zip(&self.exp_avg_sq).enumerate() {
+            moments.push((format!("exp_avg.{i}"), m.shallow_clone()));
+            moments.push((format!("exp_avg_sq.{i}"), v.shallow_clone()));
+        }
+        moments
+    }
+
+    /// Puts back the moments of [`AdamW::moments`] and the step count of a checkpoint.
+    pub fn restore_moments(
+        &mut self,
+        saved: &std::collections::HashMap<String, Tensor>,
+        steps: i64,
+    ) -> anyhow::Result<()> {
+        let _no_grad = tch::no_grad_guard();
+        for (i, (m, v)) in self
+            .exp_avg
+            .iter_mut()
+            .zip(self.exp_avg_sq.iter_mut())
+            .enumerate()
+        {
+            for (name, target) in [(format!("exp_avg.{i}"), m), (format!("exp_avg_sq.{i}"), v)] {
+                let value = saved
+                    .get(&name)
+                    .ok_or_else(|| anyhow::anyhow!("checkpoint optimizer lacks `{name}`"))?;
+                target.copy_(value);
+            }
+        }
+        self.step = steps;
+        Ok(())
+    }
+
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             let mut grad = p.grad();

@@ -12,12 +12,14 @@
 //!
 //! - `config`: the TOML (`[model]`, `[data]`, `[train]` as in a training run, plus
 //!   `[reward_model]`);
+//! - `resume`: checkpoints and `--resume`, on the training run's machinery;
 //! - `train`: the loop, on the training loop's data pipeline (splits, epoch batches, rank
 //!   shards, micro-batch collation), AdamW and schedule, gradients averaged over ranks; the
 //!   held-out pairwise accuracy per dimension with bootstrap intervals;
 //! - [`RewardModel`]: a trained one loaded for scoring.
 
 pub mod config;
+mod resume;
 pub mod train;
 
 use std::path::{Path, PathBuf};

@@ -5,11 +5,16 @@
 //! collective, then the held-out pairwise accuracy per dimension with bootstrap intervals.
 //!
 //! Rank 0 alone writes the run directory: `config.toml`, `resolved_config.json`,
-//! `metrics.jsonl` (one line per step), `reward_model.safetensors`, `reward_model.json` and
-//! `accuracy.json` / `accuracy.md`. A directory that already holds a reward model is refused.
+//! `run_identity.json`, `metrics.jsonl` (one line per step), `checkpoints/` (every
+//! `train.checkpoint_every` steps, on SIGTERM / SIGUSR1 and at the end; see `resume`),
+//! `reward_model.safetensors`, `reward_model.json` and `accuracy.json` / `accuracy.md`. A new
+//! run refuses a directory that already holds one; `--resume` continues it.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -18,16 +23,18 @@ use tch::{nn, Device, Kind, Tensor};
 use modpo_launcher::Op;
 
 use super::config::RewardModelConfig;
+use super::resume::{self, Position};
 use super::{
     lora_spec, rewards, save_weights, RewardHead, RewardModelMeta, META_FILE, WEIGHTS_FILE,
 };
 use crate::checkpoint::write_atomically;
+use crate::crash_point;
 use crate::data::{self, collate, epoch_batches, BatchPlan, MicroBatch, PreferenceData};
 use crate::eval::metrics::{accuracy, Accuracy, Bootstrap};
 use crate::model::{self, LoadedModel};
 use crate::optim::{learning_rate, AdamW};
 use crate::tokenizer::ChatTokenizer;
-use crate::train::Cluster;
+use crate::train::{stop_on_signals, Cluster};
 
 /// Rewards of responses, `[response][dimension]`.
 type Rewards = Vec<Vec<f64>>;
@@ -41,19 +48,26 @@ pub struct RewardModelSummary {
     /// Held-out pairwise accuracy per dimension (pairs where the dimension has a preference).
     pub accuracy: Vec<Accuracy>,
     pub reference_point: Vec<f64>,
+    /// Stopped by SIGTERM / SIGUSR1 after a checkpoint (no accuracy yet); resume with
+    /// `--resume`.
+    pub stopped: bool,
 }
 
 /// The model, head and data of one `train-rm` run.
-struct RewardRun<'a> {
-    config: &'a RewardModelConfig,
-    cluster: &'a Cluster<'a>,
-    data: PreferenceData,
-    loaded: LoadedModel,
-    head_store: nn::VarStore,
+pub(super) struct RewardRun<'a> {
+    pub config: &'a RewardModelConfig,
+    pub cluster: &'a Cluster<'a>,
+    pub data: PreferenceData,
+    pub loaded: LoadedModel,
+    pub head_store: nn::VarStore,
     head: RewardHead,
     lora: bool,
     pad: u32,
     device: Device,
+    /// `metrics.jsonl`, appended to (rank 0).
+    metrics: Option<std::fs::File>,
+    /// Set by SIGTERM or SIGUSR1; reduced over ranks with each step's loss.
+    stop: Arc<AtomicBool>,
 }
 
 impl RewardRun<'_> {
@@ -81,14 +95,14 @@ impl RewardRun<'_> {
     }
 
     /// One optimizer step on a global batch; returns its mean loss over the global batch's
-    /// (pair, dimension) preferences.
+    /// (pair, dimension) preferences and whether some rank was asked to stop.
     fn step(
         &self,
         optimizer: &mut AdamW,
         plan: &BatchPlan,
         global: &[usize],
         lr: f64,
-    ) -> Result<f64> {
+    ) -> Result<(f64, bool)> {
         let pairs = &self.data.train.pairs;
         // Every rank knows the whole global batch, so the denominator is exact everywhere.
         let preferences: usize = global
@@ -122,12 +136,23 @@ impl RewardRun<'_> {
         optimizer.clip_grad_norm(self.config.train.max_grad_norm);
         optimizer.step(lr);
         optimizer.zero_grad();
-        let mut sums = [loss_sum];
+        let mut sums = [
+            loss_sum,
+            f64::from(u8::from(self.stop.load(Ordering::Relaxed))),
+        ];
         self.cluster
             .collective
             .all_reduce_f64(&mut sums, Op::Sum)
             .context("reducing the step's loss")?;
-        Ok(sums[0] / preferences.max(1) as f64)
+        Ok((sums[0] / preferences.max(1) as f64, sums[1] > 0.0))
+    }
+
+    /// Appends one line to `metrics.jsonl` (rank 0).
+    pub fn write_metrics(&self, record: &serde_json::Value) -> Result<()> {
+        if let Some(mut file) = self.metrics.as_ref() {
+            writeln!(file, "{record}").context("cannot append to metrics.jsonl")?;
+        }
+        Ok(())
     }
 
     /// Rewards of every held-out pair on this process (the split is small next to training):
@@ -176,32 +201,17 @@ pub fn held_out_accuracy(
         .collect()
 }
 
-fn prepare_dir(config: &RewardModelConfig, text: &str, cluster: &Cluster) -> Result<PathBuf> {
-    let dir = config.train.output_dir.clone();
-    if cluster.topology.rank == 0 {
-        if dir.join(META_FILE).exists() || dir.join("metrics.jsonl").exists() {
-            bail!(
-                "{} already holds a reward model run: choose a new train.output_dir",
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        write_atomically(&dir.join("config.toml"), text.as_bytes())?;
-        let resolved = serde_json::to_string_pretty(config)?;
-        write_atomically(&dir.join("resolved_config.json"), resolved.as_bytes())?;
-    }
-    cluster.collective.barrier().context("barrier")?;
-    Ok(dir)
-}
-
-/// Trains the reward model of `config` (every rank calls it) and writes it (rank 0).
+/// Trains the reward model of `config` (every rank calls it) and writes it (rank 0); with
+/// `resume`, continues the run in `train.output_dir` from its latest valid checkpoint.
 pub fn train_reward_model(
     config: &RewardModelConfig,
     config_text: &str,
+    resume: bool,
     cluster: &Cluster,
 ) -> Result<RewardModelSummary> {
-    let run_dir = prepare_dir(config, config_text, cluster)?;
+    let existing = resume::open_run_dir(config, config_text, resume, cluster)?;
+    let run_dir = config.train.output_dir.clone();
+    let stop = stop_on_signals()?;
     let device = model::select_device(config.model.device, cluster.topology.local_rank)?;
     let kind = model::select_kind(config.model.dtype, device);
     let tokenizer =
@@ -218,14 +228,16 @@ pub fn train_reward_model(
         hidden,
         data.dimensions.len() as i64,
     );
-    let mut params: Vec<Tensor> = Vec::new();
-    for store in [&head_store, &loaded.adapters] {
-        let mut named: Vec<(String, Tensor)> = store.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        params.extend(named.into_iter().map(|(_, t)| t).filter(|t| t.numel() > 0));
-    }
-    // Every rank starts from rank 0's initialisation.
-    tch::no_grad(|| cluster.collective.broadcast(&mut params)).context("broadcasting the head")?;
+    let metrics = match cluster.topology.rank {
+        0 => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run_dir.join("metrics.jsonl"))
+                .with_context(|| format!("cannot open {}/metrics.jsonl", run_dir.display()))?,
+        ),
+        _ => None,
+    };
     let run = RewardRun {
         config,
         cluster,
@@ -236,7 +248,13 @@ pub fn train_reward_model(
         head,
         lora: rm.lora,
         device,
+        metrics,
+        stop,
     };
+    let (names, params): (Vec<String>, Vec<Tensor>) = resume::trainable_in_order(&run)
+        .into_iter()
+        .filter(|(_, t)| t.numel() > 0)
+        .unzip();
     let t = &config.train;
     let mut optimizer = AdamW::new(
         params,
@@ -245,12 +263,36 @@ pub fn train_reward_model(
         t.adam_eps,
         t.weight_decay,
     );
-    let steps = train_steps(&run, &mut optimizer, &run_dir)?;
+    let position = resume::starting_point(&run, &mut optimizer, &names, existing)?;
+    // Every rank starts from rank 0's weights (fresh or resumed alike).
+    tch::no_grad(|| cluster.collective.broadcast(&mut optimizer.params))
+        .context("broadcasting the head")?;
+    let (steps, stopped) = match position {
+        Some(p) if p.finished => (p.step, false),
+        position => train_steps(&run, &mut optimizer, &names, position)?,
+    };
+    if stopped {
+        return Ok(RewardModelSummary {
+            run_dir,
+            steps,
+            dimensions: run.data.dimensions.clone(),
+            accuracy: vec![],
+            reference_point: vec![],
+            stopped: true,
+        });
+    }
     finish(&run, &run_dir, steps)
 }
 
-/// Every epoch's global batches in turn, until `train.epochs` or `train.max_steps`.
-fn train_steps(run: &RewardRun, optimizer: &mut AdamW, run_dir: &std::path::Path) -> Result<usize> {
+/// Every epoch's global batches in turn, until `train.epochs` or `train.max_steps`, from
+/// `position` when resuming; checkpoints every `train.checkpoint_every` steps, when stopped
+/// and at the end. Returns the steps taken in all and whether a signal stopped the run.
+fn train_steps(
+    run: &RewardRun,
+    optimizer: &mut AdamW,
+    names: &[String],
+    position: Option<Position>,
+) -> Result<(usize, bool)> {
     let config = run.config;
     let plan = BatchPlan::new(&config.data, run.cluster.topology.world_size)?;
     let pool: Vec<(usize, usize)> = run
@@ -273,32 +315,48 @@ fn train_steps(run: &RewardRun, optimizer: &mut AdamW, run_dir: &std::path::Path
         .max_steps
         .unwrap_or(t.epochs * per_epoch)
         .min(t.epochs.max(1) * per_epoch);
-    let metrics = run_dir.join("metrics.jsonl");
-    let mut lines = String::new();
-    let mut step = 0;
-    'epochs: for epoch in 0.. {
-        for global in epoch_batches(&pool, plan.global_batch, run.data.seed, epoch).batches {
+    let (mut step, first_epoch, mut skip) = position
+        .map(|p| (p.step, p.epoch, p.pairs_into_epoch / plan.global_batch))
+        .unwrap_or((0, 0, 0));
+    for epoch in first_epoch.. {
+        let batches = epoch_batches(&pool, plan.global_batch, run.data.seed, epoch as u64);
+        for (b, global) in batches.batches.iter().enumerate().skip(skip) {
             if step == total {
-                break 'epochs;
+                break;
             }
             let lr = learning_rate(t.learning_rate, t.schedule, t.warmup_ratio, step, total);
-            let loss = run.step(optimizer, &plan, &global, lr)?;
+            let (loss, stop) = run.step(optimizer, &plan, global, lr)?;
             if !loss.is_finite() {
                 bail!("step {step}: the reward model's loss is {loss}");
             }
-            tracing::info!(step, total, loss, "reward model step");
-            let _ = writeln!(
-                lines,
-                "{}",
-                json!({"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr})
-            );
             step += 1;
+            tracing::info!(step, total, loss, "reward model step");
+            run.write_metrics(
+                &json!({"step": step - 1, "epoch": epoch, "loss": loss, "learning_rate": lr}),
+            )?;
+            crash_point::reached("step");
+            let cursor = (epoch, (b + 1) * plan.global_batch);
+            let periodic = t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every);
+            if step < total && (stop || periodic) {
+                resume::write_checkpoint(run, optimizer, names, step, false, cursor)?;
+            }
+            if stop && step < total {
+                tracing::warn!(
+                    step,
+                    "stopped by signal after a checkpoint; resume with --resume"
+                );
+                return Ok((step, true));
+            }
+            if step == total {
+                resume::write_checkpoint(run, optimizer, names, step, true, cursor)?;
+            }
+        }
+        skip = 0;
+        if step == total {
+            break;
         }
     }
-    if run.cluster.topology.rank == 0 {
-        write_atomically(&metrics, lines.as_bytes())?;
-    }
-    Ok(step)
+    Ok((step, false))
 }
 
 /// Held-out accuracy and reference point, then (rank 0) the weights and descriptions.
@@ -333,6 +391,7 @@ fn finish(run: &RewardRun, run_dir: &std::path::Path, steps: usize) -> Result<Re
         dimensions: run.data.dimensions.clone(),
         accuracy: acc,
         reference_point,
+        stopped: false,
     };
     if run.cluster.topology.rank == 0 {
         write_outputs(run, &summary)?;

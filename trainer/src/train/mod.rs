@@ -33,7 +33,9 @@ use crate::optim::learning_rate;
 use crate::step::{ReferenceSource, StepRunner, StepSettings};
 
 use batches::StageBatches;
+pub(crate) use resume::{check_run_dir_holds, prepare_run_dir, RunIdentity};
 use resume::{restore_optimizer, write_checkpoint, StagePosition};
+pub(crate) use run::stop_on_signals;
 use run::Run;
 
 /// This process's place in the job and how it talks to the other ranks.

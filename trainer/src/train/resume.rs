@@ -121,20 +121,12 @@ pub(super) fn starting_point(
             run.write_metrics(&json!({"event": "restarted", "reason": "no valid checkpoint"}))?;
         }
         if run.cluster.is_main() {
-            let identity = serde_json::to_string_pretty(&RunIdentity::of(run))?;
-            write_atomically(&identity_path(run), identity.as_bytes())?;
+            RunIdentity::of(run).record(&run.config.train.output_dir)?;
         }
         run.cluster.barrier()?;
         return Ok((1, None));
     };
-    let problems = RunIdentity::of_checkpoint(&state).differences(&RunIdentity::of(run));
-    if !problems.is_empty() {
-        bail!(
-            "checkpoint {} belongs to a different run:\n  {}",
-            dir.display(),
-            problems.join("\n  ")
-        );
-    }
+    RunIdentity::of(run).check_checkpoint(&dir, &state)?;
     checkpoint::load_adapters(&dir.join(ADAPTERS_FILE), &run.loaded.adapters)?;
     let (first_stage, position) = match state.stage_finished {
         true => (state.stage + 1, None),
@@ -171,9 +163,9 @@ fn data_fingerprint(run: &Run) -> String {
 
 /// What makes a run this run: the model, the tokenized training data, the dimensions and the
 /// result-relevant config. A checkpoint's state holds it; before the first checkpoint the run
-/// directory's `run_identity.json` does.
+/// directory's `run_identity.json` does. `train-rm` checks its runs the same way.
 #[derive(Debug, Serialize, Deserialize)]
-pub(super) struct RunIdentity {
+pub(crate) struct RunIdentity {
     model_fingerprint: String,
     data_fingerprint: String,
     dimensions: Vec<String>,
@@ -182,18 +174,60 @@ pub(super) struct RunIdentity {
 
 const IDENTITY_FILE: &str = "run_identity.json";
 
-fn identity_path(run: &Run) -> PathBuf {
-    run.config.train.output_dir.join(IDENTITY_FILE)
-}
-
 impl RunIdentity {
-    fn of(run: &Run) -> Self {
+    /// `data_fingerprint`: [`reference::cache_key`] of the training pairs; `config`: the
+    /// result-relevant config ([`config::result_relevant`]).
+    pub(crate) fn new(
+        model_fingerprint: &str,
+        data_fingerprint: String,
+        dimensions: &[String],
+        config: serde_json::Value,
+    ) -> Self {
         RunIdentity {
-            model_fingerprint: run.loaded.fingerprint.clone(),
-            data_fingerprint: data_fingerprint(run),
-            dimensions: run.data.dimensions.clone(),
-            config: run.config.result_relevant(),
+            model_fingerprint: model_fingerprint.to_string(),
+            data_fingerprint,
+            dimensions: dimensions.to_vec(),
+            config,
         }
+    }
+
+    pub(crate) fn data_fingerprint(&self) -> &str {
+        &self.data_fingerprint
+    }
+
+    pub(crate) fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    fn of(run: &Run) -> Self {
+        Self::new(
+            &run.loaded.fingerprint,
+            data_fingerprint(run),
+            &run.data.dimensions,
+            run.config.result_relevant(),
+        )
+    }
+
+    /// Writes `run_identity.json` into `run_dir` (rank 0, once a run starts from its
+    /// beginning).
+    pub(crate) fn record(&self, run_dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        write_atomically(&run_dir.join(IDENTITY_FILE), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Refuses the checkpoint `dir` (its `state`) unless it is of this run, listing every
+    /// difference.
+    pub(crate) fn check_checkpoint(&self, dir: &Path, state: &TrainerState) -> Result<()> {
+        let problems = RunIdentity::of_checkpoint(state).differences(self);
+        if !problems.is_empty() {
+            bail!(
+                "checkpoint {} belongs to a different run:\n  {}",
+                dir.display(),
+                problems.join("\n  ")
+            );
+        }
+        Ok(())
     }
 
     fn of_checkpoint(state: &TrainerState) -> Self {
@@ -232,14 +266,17 @@ impl RunIdentity {
 /// [`RunIdentity`], or, killed before that was written, the same result-relevant config. The
 /// error lists every difference, as for a checkpoint.
 fn check_run_dir_holds_this_run(run: &Run) -> Result<()> {
-    let run_dir = &run.config.train.output_dir;
-    let now = RunIdentity::of(run);
-    let (file, problems) = match std::fs::read_to_string(identity_path(run)) {
+    check_run_dir_holds(&run.config.train.output_dir, &RunIdentity::of(run))
+}
+
+/// [`check_run_dir_holds_this_run`] for any run directory and identity (also `train-rm`'s).
+pub(crate) fn check_run_dir_holds(run_dir: &Path, now: &RunIdentity) -> Result<()> {
+    let identity_path = run_dir.join(IDENTITY_FILE);
+    let (file, problems) = match std::fs::read_to_string(&identity_path) {
         Ok(text) => {
-            let recorded: RunIdentity = serde_json::from_str(&text).with_context(|| {
-                format!("{} is not a run identity", identity_path(run).display())
-            })?;
-            (IDENTITY_FILE, recorded.differences(&now))
+            let recorded: RunIdentity = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a run identity", identity_path.display()))?;
+            (IDENTITY_FILE, recorded.differences(now))
         }
         Err(_) => {
             let path = run_dir.join(RESOLVED_CONFIG_FILE);
@@ -261,8 +298,9 @@ fn check_run_dir_holds_this_run(run: &Run) -> Result<()> {
     Ok(())
 }
 
-/// A new run never writes into a directory that holds a previous run's files.
-fn prepare_run_dir(dir: &Path) -> Result<()> {
+/// A new run never writes into a directory that holds a previous run's files (`train` and
+/// `train-rm`).
+pub(crate) fn prepare_run_dir(dir: &Path) -> Result<()> {
     if dir.join("config.toml").exists() || dir.join("metrics.jsonl").exists() {
         bail!(
             "{} already holds a run: choose another train.output_dir",
@@ -286,16 +324,7 @@ pub(super) fn write_checkpoint(
     if !run.cluster.is_main() {
         return run.cluster.barrier();
     }
-    let mut moments = Vec::with_capacity(2 * param_names.len());
-    for (i, (m, v)) in optimizer
-        .exp_avg
-        .iter()
-        .zip(&optimizer.exp_avg_sq)
-        .enumerate()
-    {
-        moments.push((format!("exp_avg.{i}"), m.shallow_clone()));
-        moments.push((format!("exp_avg_sq.{i}"), v.shallow_clone()));
-    }
+    let mut moments = optimizer.moments();
     if let Some(allocator) = &runner.rank_allocator {
         moments.extend(allocator.state());
     }
@@ -340,23 +369,10 @@ pub(super) fn restore_optimizer(runner: &mut StepRunner, position: &StagePositio
     if position.optimizer_params != runner.param_names {
         bail!("the checkpoint's optimizer holds other parameters than this stage trains");
     }
+    runner
+        .optimizer
+        .restore_moments(&position.optimizer, position.optimizer_steps)?;
     let _no_grad = tch::no_grad_guard();
-    let optimizer = &mut runner.optimizer;
-    for (i, (m, v)) in optimizer
-        .exp_avg
-        .iter_mut()
-        .zip(optimizer.exp_avg_sq.iter_mut())
-        .enumerate()
-    {
-        for (name, target) in [(format!("exp_avg.{i}"), m), (format!("exp_avg_sq.{i}"), v)] {
-            let saved = position
-                .optimizer
-                .get(&name)
-                .with_context(|| format!("checkpoint optimizer lacks `{name}`"))?;
-            target.copy_(saved);
-        }
-    }
-    optimizer.step = position.optimizer_steps;
     if let Some(allocator) = &mut runner.rank_allocator {
         allocator.restore(&position.optimizer)?;
     }

@@ -237,7 +237,7 @@ impl<'a> Run<'a> {
 }
 
 /// SIGTERM or SIGUSR1 (SLURM's warning before the time limit) set the returned flag.
-fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+pub(crate) fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
