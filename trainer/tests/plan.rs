@@ -57,3 +57,39 @@ fn plan_prints_every_stage_and_fails_when_nothing_fits() {
         stderr(&out)
     );
 }
+
+/// `[train] plan_memory_gib`: each stage logs the setting the planner chose and trains with
+/// it; a budget below the CPU runtime alone stops the run with a message naming the key.
+#[test]
+fn train_runs_each_stage_with_the_planned_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = config(tmp.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}max_steps = 1\nplan_memory_gib = 2\n"),
+    )
+    .unwrap();
+    let out = modpo(&["train", "--config", &config]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).matches("memory plan").count(),
+        3,
+        "{}",
+        stderr(&out)
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let small = text.replace("plan_memory_gib = 2", "plan_memory_gib = 0.1");
+    std::fs::write(
+        &config,
+        small.replace("output_dir = \"run\"", "output_dir = \"run2\""),
+    )
+    .unwrap();
+    let out = modpo(&["train", "--config", &config]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no setting fits train.plan_memory_gib = 0.1 GiB"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -149,6 +149,7 @@ pub fn result_relevant(mut value: serde_json::Value) -> serde_json::Value {
         ("data", "reference_chunk_pairs"),
         ("model", "device"),
         ("method", "batch_passes"),
+        ("train", "plan_memory_gib"),
     ] {
         if let Some(table) = value.get_mut(section).and_then(|s| s.as_object_mut()) {
             table.remove(key);

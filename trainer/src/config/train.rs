@@ -77,6 +77,13 @@ pub struct TrainConfig {
     /// Periodic checkpoints kept (the newest); stage-final ones are always kept.
     #[serde(default = "defaults::keep_checkpoints")]
     pub keep_checkpoints: usize,
+    /// Memory of one device in GiB: each stage then runs the fastest setting the memory
+    /// planner predicts to fit (`modpo-trainer plan`: micro-batch, passes batched or one by
+    /// one, recomputation) for the stage's longest pair, in place of `data.micro_batch`,
+    /// `method.batch_passes` and `recompute_activations`, and logs it. The update is the same
+    /// for any of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_memory_gib: Option<f64>,
 }
 
 mod defaults {
@@ -169,6 +176,13 @@ impl TrainConfig {
         if self.pair_passes.is_some() && self.epochs != defaults::epochs() {
             let rule = "give epochs or pair_passes, not both (the budget sets each stage's steps)";
             return invalid("pair_passes", rule.into());
+        }
+        if self
+            .plan_memory_gib
+            .is_some_and(|gib| !(gib > 0.0 && gib.is_finite()))
+        {
+            let rule = "must be a positive number of GiB when given";
+            return invalid("plan_memory_gib", rule.into());
         }
         if self.max_steps == Some(0) {
             return invalid("max_steps", "must be at least 1 when given".into());

@@ -73,6 +73,7 @@
 //!
 //! The test `layer_formula_by_hand` works one small shape through these formulas by hand.
 
+pub mod auto;
 pub mod config_plan;
 
 use serde::Serialize;

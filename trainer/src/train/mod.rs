@@ -26,7 +26,7 @@ use modpo_launcher::{Collective, Op, Single, Topology};
 use crate::checkpoint::{self, ADAPTERS_FILE};
 use crate::config::RunConfig;
 use crate::crash_point;
-use crate::data::BatchPlan;
+use crate::data::{BatchPlan, TokenizedPair};
 use crate::logps::RowLayout;
 use crate::method::{stages, Stage};
 use crate::optim::learning_rate;
@@ -173,6 +173,51 @@ fn step_settings(config: &RunConfig, total_steps: usize, device: tch::Device) ->
     }
 }
 
+/// The stage's step settings and batch split: the config's, or with `train.plan_memory_gib`
+/// the memory planner's fastest setting that fits (logged).
+fn stage_setting(
+    run: &Run,
+    stage: &Stage,
+    pool: &[usize],
+    total_steps: usize,
+) -> Result<(StepSettings, BatchPlan)> {
+    let config = run.config;
+    let world_size = run.cluster.topology.world_size;
+    let mut settings = step_settings(config, total_steps, run.loaded.model.embedding_device());
+    let Some(gib) = config.train.plan_memory_gib else {
+        return Ok((settings, BatchPlan::new(&config.data, world_size)?));
+    };
+    let pairs: Vec<&TokenizedPair> = pool.iter().map(|&i| &run.data.train.pairs[i]).collect();
+    let shape = (
+        run.data.dimensions.len(),
+        config.data.global_batch,
+        world_size,
+    );
+    let chosen = crate::plan::auto::choose_for_stage(
+        &run.loaded.model,
+        stage,
+        &pairs,
+        config.train.share_prompt,
+        shape,
+        gib,
+    )?;
+    let s = chosen.setting;
+    settings.batch_passes = s.batch_passes;
+    settings.recompute_activations = s.recompute;
+    tracing::info!(
+        stage = stage.number,
+        micro_batch = s.micro_batch,
+        batch_passes = s.batch_passes,
+        recompute_activations = s.recompute,
+        predicted_peak_gib = format!("{:.2}", chosen.total as f64 / (1u64 << 30) as f64),
+        budget_gib = gib,
+        "memory plan"
+    );
+    let batch_plan =
+        BatchPlan::from_factors(config.data.global_batch, s.micro_batch, None, world_size)?;
+    Ok((settings, batch_plan))
+}
+
 /// Runs one stage (from `position` when resuming within it), with periodic and final
 /// checkpoints; returns how it ended.
 fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Result<StageEnd> {
@@ -181,12 +226,13 @@ fn run_stage(run: &Run, stage: &Stage, position: Option<StagePosition>) -> Resul
     let topology = run.cluster.topology;
     let pool = stage.pool.pair_ids(&run.data.train.pairs, run.data.seed);
     let total_steps = stage_steps(run, stage)?;
+    let (settings, batch_plan) = stage_setting(run, stage, &pool, total_steps)?;
     let mut runner = StepRunner::new(
         &run.loaded.model,
         stage,
-        step_settings(config, total_steps, run.loaded.model.embedding_device()),
+        settings,
         run.cluster.collective,
-        BatchPlan::new(&config.data, topology.world_size)?,
+        batch_plan,
         topology.rank,
         run.data.dimensions.len(),
         run.tokenizer.pad_token_id(),
