@@ -9,7 +9,8 @@
 //! hidden `H`, query width `Q = heads x head_dim`, key/value width `KV = kv_heads x
 //! head_dim`, MLP width `F`, vocabulary `V`, `L` decoder layers; `s` bytes per activation
 //! (bf16 2, f32 4); `rt` the stacked adapter rank of a projection in the pass (`r` at w = 0,
-//! `(k + 1) r` for the k + 1 blocks, `k r` without a shared block).
+//! `(k + 1) r` for the k + 1 blocks, `k r` without a shared block; a unit pass run alone at
+//! w = 1_i runs the shared block and block i only, `2 r`, or `r` without a shared block).
 //!
 //! **Saved for backward, per decoder layer**, read off the forward (`model/llama.rs`,
 //! `model/llama/layout.rs`, `model/adapter.rs`) and what each ATen backward node keeps
