@@ -511,6 +511,16 @@ fn run_seed(
         tracing::info!("training {method}");
         let summary = train(&config, &text, TrainOptions::default(), &Cluster::single())
             .with_context(|| format!("training {method} ({})", path.display()))?;
+        if summary.stopped {
+            // A signal (SIGTERM, SIGUSR1) asked the run to stop: the whole demo stops with it,
+            // not only this method's training.
+            bail!(
+                "stopped by a signal while training {method}; {} holds its checkpoint \
+                 (`modpo-trainer train --config {} --resume` continues that run)",
+                summary.run_dir.display(),
+                path.display()
+            );
+        }
         seconds.push((method.to_string(), started.elapsed().as_secs_f64()));
         compute.push(run_compute(
             method,
