@@ -28,6 +28,25 @@ pub struct Written {
 
 /// Writes the JSON, the Markdown and the figures into `out`.
 pub fn write(comparison: &Comparison, out: &Path, force: bool) -> Result<Written> {
+    write_results(
+        out,
+        force,
+        &to_json(comparison),
+        &to_markdown(comparison),
+        |out| super::plot::write_plots(comparison, out),
+    )
+}
+
+/// `results.json`, `results.md` and the figures `plots` draws, into `out` (created if
+/// needed); a directory that already holds a `results.json` is refused unless `force`.
+/// Shared by `eval` and `eval --generate`.
+pub fn write_results(
+    out: &Path,
+    force: bool,
+    json: &serde_json::Value,
+    markdown: &str,
+    plots: impl FnOnce(&Path) -> Result<Vec<PathBuf>>,
+) -> Result<Written> {
     let results_json = out.join(RESULTS_JSON);
     if results_json.exists() && !force {
         bail!(
@@ -38,11 +57,13 @@ pub fn write(comparison: &Comparison, out: &Path, force: bool) -> Result<Written
     }
     std::fs::create_dir_all(out)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-    let json = serde_json::to_string_pretty(&to_json(comparison))?;
-    write_atomically(&results_json, json.as_bytes())?;
+    write_atomically(
+        &results_json,
+        serde_json::to_string_pretty(json)?.as_bytes(),
+    )?;
     let results_md = out.join(RESULTS_MD);
-    write_atomically(&results_md, to_markdown(comparison).as_bytes())?;
-    let plots = super::plot::write_plots(comparison, out)?;
+    write_atomically(&results_md, markdown.as_bytes())?;
+    let plots = plots(out)?;
     Ok(Written {
         results_json,
         results_md,

@@ -5,36 +5,22 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::json;
 
 use super::{GenerationComparison, RunGeneration};
-use crate::checkpoint::write_atomically;
 use crate::eval::metrics::MeanEstimate;
-use crate::eval::report::{weights_text, Written, RESULTS_JSON, RESULTS_MD};
+use crate::eval::report::{weights_text, write_results, Written};
 
 /// Writes the JSON, the Markdown and the figures into `out`.
 pub fn write(comparison: &GenerationComparison, out: &Path, force: bool) -> Result<Written> {
-    let results_json = out.join(RESULTS_JSON);
-    if results_json.exists() && !force {
-        bail!(
-            "{} already holds evaluation results: choose another --out or pass --force to \
-             replace them",
-            out.display()
-        );
-    }
-    std::fs::create_dir_all(out)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-    let json = serde_json::to_string_pretty(&to_json(comparison))?;
-    write_atomically(&results_json, json.as_bytes())?;
-    let results_md = out.join(RESULTS_MD);
-    write_atomically(&results_md, to_markdown(comparison).as_bytes())?;
-    let plots = super::plot::write_plots(comparison, out)?;
-    Ok(Written {
-        results_json,
-        results_md,
-        plots,
-    })
+    write_results(
+        out,
+        force,
+        &to_json(comparison),
+        &to_markdown(comparison),
+        |out| super::plot::write_plots(comparison, out),
+    )
 }
 
 pub fn to_json(c: &GenerationComparison) -> serde_json::Value {
