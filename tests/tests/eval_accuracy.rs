@@ -35,6 +35,19 @@ use tch::{Device, Kind, Tensor};
 
 const BETA: f64 = 0.5;
 
+/// Held while a test draws from torch's global generator (the tiny model's weights, the
+/// adapters' initialisation, the hand-set adapters): the tests of this file run on parallel
+/// threads, and another test's draws between a `manual_seed` and its `randn` would change the
+/// values, and with them whether every margin is far enough from 0 to compare signs.
+static GLOBAL_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn drawing_alone<T>(draw: impl FnOnce() -> T) -> T {
+    let _alone = GLOBAL_GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    draw()
+}
+
 /// Hand-derived labels (rows: w = (1,0), (.75,.25), (.5,.5), (.25,.75), (0,1); columns P0..P4).
 const LABELS: [[char; 5]; 5] = [
     ['a', 'a', 'b', 'b', 'a'],
@@ -176,7 +189,7 @@ fn narrow_and_wide(pad: u32) -> (Batching, Batching) {
 fn hand_built_case(shared: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("model");
-    write_tiny_model(&model_dir, 3);
+    drawing_alone(|| write_tiny_model(&model_dir, 3));
     let tokenizer = ChatTokenizer::from_model_dir(&model_dir, None).unwrap();
     let data = load_data(tmp.path(), &tokenizer);
     let pairs = conflict_pairs(&data.eval);
@@ -191,8 +204,11 @@ fn hand_built_case(shared: bool) {
         num_dimensions: 2,
         shared,
     };
-    let loaded = load_model(&model_dir, Some(&spec), Device::Cpu, Kind::Float).unwrap();
-    set_adapters(&loaded, if shared { 11 } else { 12 });
+    let loaded = drawing_alone(|| {
+        let loaded = load_model(&model_dir, Some(&spec), Device::Cpu, Kind::Float).unwrap();
+        set_adapters(&loaded, if shared { 11 } else { 12 });
+        loaded
+    });
     let reference = reference::compute(&loaded.model, &data.eval.pairs, 4, pad, Device::Cpu);
     let settings = paper_settings(2);
     assert_eq!(settings.len(), 5);
@@ -320,7 +336,7 @@ fn shared_block_adapters_match_the_merged_model_and_hand_counted_accuracy() {
 fn zero_margins_predict_b() {
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("model");
-    write_tiny_model(&model_dir, 4);
+    drawing_alone(|| write_tiny_model(&model_dir, 4));
     let tokenizer = ChatTokenizer::from_model_dir(&model_dir, None).unwrap();
     let data = load_data(tmp.path(), &tokenizer);
     let pairs = conflict_pairs(&data.eval);
@@ -334,7 +350,8 @@ fn zero_margins_predict_b() {
         num_dimensions: 2,
         shared: false,
     };
-    let loaded = load_model(&model_dir, Some(&spec), Device::Cpu, Kind::Float).unwrap();
+    let loaded =
+        drawing_alone(|| load_model(&model_dir, Some(&spec), Device::Cpu, Kind::Float).unwrap());
     let pad = tokenizer.pad_token_id();
     let reference = reference::compute(&loaded.model, &owned, 5, pad, Device::Cpu);
     let batching = Batching {
