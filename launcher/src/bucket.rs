@@ -51,9 +51,14 @@ impl Bucket {
                         .map(|&i| tensors[i].f_reshape([-1]))
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(CollectiveError::torch("flattening tensors into a bucket"))?;
-                    // [sum of numel]: cat always allocates a new contiguous buffer.
-                    let flat = Tensor::f_cat(&parts, 0)
-                        .map_err(CollectiveError::torch("concatenating a bucket"))?;
+                    // [sum of numel]. A lone contiguous tensor (an optimizer's flat gradient
+                    // buffer) is its own bucket: reshape is a view of it, so the collective
+                    // works in place with no copy. Otherwise cat allocates a new buffer.
+                    let flat = match parts.as_slice() {
+                        [only] if tensors[members[0]].is_contiguous() => only.shallow_clone(),
+                        _ => Tensor::f_cat(&parts, 0)
+                            .map_err(CollectiveError::torch("concatenating a bucket"))?,
+                    };
                     Ok(Bucket {
                         kind,
                         members,
@@ -75,13 +80,21 @@ impl Bucket {
     }
 
     /// Copies `values` ([numel], cast to each member's dtype and device as needed) back into
-    /// the members, in place.
+    /// the members, in place. Nothing is copied where `values` is already the member's memory
+    /// (a lone contiguous member reduced in place).
     pub fn scatter(&self, values: &Tensor, tensors: &mut [Tensor]) -> Result<(), CollectiveError> {
         tch::no_grad(|| {
             let mut offset = 0i64;
             for &index in &self.members {
                 let target = &mut tensors[index];
                 let numel = target.numel() as i64;
+                if self.members.len() == 1
+                    && values.data_ptr() == target.data_ptr()
+                    && values.kind() == target.kind()
+                    && values.device() == target.device()
+                {
+                    return Ok(());
+                }
                 let part = values
                     .f_narrow(0, offset, numel)
                     .and_then(|p| p.f_view(target.size().as_slice()))
@@ -152,6 +165,26 @@ mod tests {
                 "tensor {i}: {original:?}"
             );
         }
+    }
+
+    /// An optimizer's flat gradient buffer, alone in its dtype, is reduced where it lies: the
+    /// bucket is a view of it (writing the bucket writes the tensor) and scattering the bucket
+    /// back onto it copies nothing.
+    #[test]
+    fn a_lone_contiguous_tensor_is_its_own_bucket() {
+        let buffer = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let mut tensors = vec![buffer.shallow_clone(), Tensor::from_slice(&[4.0f64])];
+        let buckets = Bucket::group(&tensors, Device::Cpu, "test").unwrap();
+        assert_eq!(buckets[0].flat.data_ptr(), buffer.data_ptr());
+        let _ = buckets[0].flat.shallow_clone().g_mul_scalar_(2.0);
+        buckets[0].scatter(&buckets[0].flat, &mut tensors).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&buffer).unwrap(), [2.0, 4.0, 6.0]);
+        // A lone non-contiguous tensor is still copied into a fresh buffer.
+        let transposed = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+            .view([2, 2])
+            .tr();
+        let buckets = Bucket::group(&[transposed.shallow_clone()], Device::Cpu, "test").unwrap();
+        assert_ne!(buckets[0].flat.data_ptr(), transposed.data_ptr());
     }
 
     #[test]

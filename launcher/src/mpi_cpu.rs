@@ -82,33 +82,43 @@ impl Mpi {
     }
 
     /// Sums a bucket over the ranks, divides by the world size, and returns the mean in the
-    /// reduction dtype ([numel], f32 or f64).
+    /// reduction dtype ([numel], f32 or f64). An f32 or f64 bucket is reduced in its own
+    /// memory, so a lone contiguous member (an optimizer's flat gradient buffer) needs no copy
+    /// but MPI's receive buffer; bf16 and f16 are reduced in an f32 copy.
     fn mean_of_bucket(&self, bucket: &Bucket) -> Result<Tensor, CollectiveError> {
-        let numel = bucket.numel();
-        let copy_err = CollectiveError::torch("copying a bucket to host memory");
-        if bucket.kind == Kind::Double {
-            let mut values = vec![0f64; numel];
-            bucket
-                .flat
-                .f_copy_data(&mut values, numel)
-                .map_err(copy_err)?;
-            self.all_reduce_in_place(&mut values, SystemOperation::sum());
-            let n = self.world_size as f64;
-            values.iter_mut().for_each(|v| *v /= n);
-            Ok(Tensor::from_slice(&values))
-        } else {
-            // f32, bf16 and f16 are all summed in f32.
-            let flat = bucket
+        let flat = match bucket.kind {
+            Kind::Double | Kind::Float => bucket.flat.shallow_clone(),
+            _ => bucket
                 .flat
                 .f_to_kind(Kind::Float)
-                .map_err(CollectiveError::torch("casting a bucket to f32"))?;
-            let mut values = vec![0f32; numel];
-            flat.f_copy_data(&mut values, numel).map_err(copy_err)?;
-            self.all_reduce_in_place(&mut values, SystemOperation::sum());
-            let n = self.world_size as f32;
-            values.iter_mut().for_each(|v| *v /= n);
-            Ok(Tensor::from_slice(&values))
+                .map_err(CollectiveError::torch("casting a bucket to f32"))?,
+        };
+        match flat.kind() {
+            Kind::Double => self.sum_in_place::<f64>(&flat),
+            _ => self.sum_in_place::<f32>(&flat),
         }
+        let _ = tch::no_grad(|| flat.shallow_clone().f_div_scalar_(self.world_size as f64))
+            .map_err(CollectiveError::torch(
+                "dividing a bucket by the world size",
+            ))?;
+        Ok(flat)
+    }
+
+    /// Replaces the elements of `flat` (a contiguous CPU tensor of `T`, [numel]) by their sum
+    /// over all ranks.
+    fn sum_in_place<T>(&self, flat: &Tensor)
+    where
+        T: Equivalence + Copy + Default + tch::kind::Element,
+    {
+        assert!(
+            flat.is_contiguous() && flat.device() == Device::Cpu && flat.kind() == T::KIND,
+            "sum_in_place needs a contiguous CPU tensor of its element type"
+        );
+        // SAFETY: checked above: `flat` is a contiguous CPU tensor of `T` holding `numel`
+        // elements from `data_ptr`; nothing else reads or writes it during the call.
+        let values =
+            unsafe { std::slice::from_raw_parts_mut(flat.data_ptr() as *mut T, flat.numel()) };
+        self.all_reduce_in_place(values, SystemOperation::sum());
     }
 }
 

@@ -315,8 +315,9 @@ impl Collective for Nccl {
         self.on_stream("ncclAllReduce", |stream| {
             nccl::group_start()?;
             for (bucket, dtype) in buckets.iter().zip(&types) {
-                // SAFETY: the bucket is a fresh contiguous tensor on our GPU, alive until the
-                // stream is synchronised.
+                // SAFETY: the bucket is a contiguous tensor on our GPU (a fresh buffer, or a
+                // lone contiguous member reduced where it lies), alive until the stream is
+                // synchronised; on_stream synchronises the device before the launch.
                 unsafe {
                     self.all_reduce_raw(&bucket.flat, *dtype, sys::ncclRedOp_t::ncclAvg, stream)?
                 };

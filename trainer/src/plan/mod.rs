@@ -62,9 +62,10 @@
 //! The passes of a step are one forward over `passes x B` rows when batched, else `B` rows
 //! with a backward after each (`[method] batch_passes`). Beside the activations: the base
 //! weights (in their dtype), the adapters (f32) with the trained ones' f32 gradients and
-//! AdamW's two f32 moments (and for AdaLoRA the allocator's two f32 averages), the
-//! all-reduce's flat buffer (one f32 copy of the gradients on NCCL; MPI on CPU adds a host
-//! copy and the mean, three in all; none on one process), and the runtime: on a CPU the
+//! AdamW's two f32 moments (and for AdaLoRA the allocator's two f32 averages), what the
+//! all-reduce adds (nothing on NCCL, which reduces the optimizer's flat gradient buffer in
+//! place; MPI on a CPU reduces it into one host receive buffer of the same size; nothing on
+//! one process), and the runtime: on a CPU the
 //! process before any tensor (libtorch, MKL, the allocator: [`CPU_RUNTIME_BYTES`], measured),
 //! on a GPU the CUDA context, cuBLAS workspaces and NCCL ([`CUDA_RUNTIME_BYTES`], stated, not
 //! measured here). The reference log-probs are cached on the host (8 bytes per pair); their
@@ -266,8 +267,8 @@ impl Target {
     fn reduce_copies(self, world_size: usize) -> u64 {
         match (world_size, self) {
             (0 | 1, _) => 0,
-            (_, Target::Cuda) => 1,
-            (_, Target::Cpu) => 3,
+            (_, Target::Cuda) => 0,
+            (_, Target::Cpu) => 1,
         }
     }
 

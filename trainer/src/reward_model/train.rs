@@ -128,7 +128,7 @@ impl RewardRun<'_> {
             // The all-reduce averages over ranks: scale so the average is the global mean.
             (sum * world / preferences.max(1) as f64).backward();
         }
-        let mut grads: Vec<Tensor> = optimizer.params.iter().map(Tensor::grad).collect();
+        let mut grads = optimizer.gradient_buffers();
         self.cluster
             .collective
             .all_reduce_mean(&mut grads)

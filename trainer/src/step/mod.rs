@@ -280,10 +280,10 @@ impl<'a> StepRunner<'a> {
         penalty.double_value(&[])
     }
 
-    /// One flat all-reduce per dtype of the gradients (their mean over ranks), so that every
-    /// rank then makes the same update.
+    /// The all-reduce of the optimizer's flat gradient buffers, one per dtype, in place (their
+    /// mean over ranks), so that every rank then makes the same update.
     fn reduce_gradients(&self) -> Result<()> {
-        let mut grads: Vec<Tensor> = self.optimizer.params.iter().map(Tensor::grad).collect();
+        let mut grads = self.optimizer.gradient_buffers();
         self.collective
             .all_reduce_mean(&mut grads)
             .context("all-reduce of the gradients")
