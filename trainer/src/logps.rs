@@ -333,9 +333,22 @@ pub fn logps_from_hidden(
 ) -> Tensor {
     let h = hidden.size()[2];
     let scored = hidden.reshape([-1, h]).index_select(0, predictors); // [N, H]
+    logps_from_scored(model, &scored, targets, slots, outputs)
+}
+
+/// [`logps_from_hidden`] from the final hidden states of the scored positions only, in the
+/// order of `targets` and `slots` ([`CausalLm::hidden_states_at`]): scored [N, H] ->
+/// [outputs] in f32.
+pub fn logps_from_scored(
+    model: &CausalLm,
+    scored: &Tensor,
+    targets: &Tensor,
+    slots: &Tensor,
+    outputs: i64,
+) -> Tensor {
     let chunk_rows = (LOGITS_CHUNK_ELEMENTS / model.config().vocab_size).max(1);
-    let token_logps = token_logps(model, &scored, targets, chunk_rows); // [N]
-    Tensor::zeros([outputs], (Kind::Float, hidden.device())).index_add(0, slots, &token_logps)
+    let token_logps = token_logps(model, scored, targets, chunk_rows); // [N]
+    Tensor::zeros([outputs], (Kind::Float, scored.device())).index_add(0, slots, &token_logps)
 }
 
 /// Rows of `[rows, vocab]` logits that exist at once when tokens are scored: 2^26 f32 values
@@ -402,14 +415,15 @@ pub fn response_logps(
     conditioning: Conditioning,
 ) -> Tensor {
     let (rows, t) = (input_ids.size()[0], input_ids.size()[1]);
-    let hidden = model.hidden_states(input_ids, attention_mask, conditioning); // [rows, T, H]
-                                                                               // Position j predicts token j + 1; the last position predicts nothing.
+    // Position j predicts token j + 1; the last position predicts nothing.
     let shift =
         |x: &Tensor| Tensor::cat(&[x.narrow(1, 1, t - 1), x.narrow(1, 0, 1).zeros_like()], 1);
     let predictors = shift(response_mask).reshape([-1]).nonzero().squeeze_dim(1); // [N]
     let targets = shift(input_ids).reshape([-1]).index_select(0, &predictors); // [N]
     let slots = predictors.floor_divide_scalar(t); // [N]
-    logps_from_hidden(model, &hidden, &predictors, &targets, &slots, rows)
+    let layout = model.padded_layout(attention_mask);
+    let scored = model.hidden_states_at(input_ids, &layout, conditioning, &predictors); // [N, H]
+    logps_from_scored(model, &scored, &targets, &slots, rows)
 }
 
 /// The conditioning of a batch's rows: a `Weighted` one holds one weight vector per pair,
@@ -446,21 +460,15 @@ impl RowConditioning {
     }
 }
 
-/// `(log pi(y_a | x), log pi(y_b | x))`, each [B], from the final hidden states [R, T, H].
-pub fn pair_logps_from_hidden(
+/// `(log pi(y_a | x), log pi(y_b | x))`, each [B], from the final hidden states at the
+/// batch's predictor positions, [N, H] in the order of `batch.predictors`.
+pub fn pair_logps_from_scored(
     model: &CausalLm,
     batch: &BatchTensors,
-    hidden: &Tensor,
+    scored: &Tensor,
 ) -> (Tensor, Tensor) {
     let b = batch.pairs;
-    let logps = logps_from_hidden(
-        model,
-        hidden,
-        &batch.predictors,
-        &batch.targets,
-        &batch.slots,
-        2 * b,
-    ); // [2B]
+    let logps = logps_from_scored(model, scored, &batch.targets, &batch.slots, 2 * b); // [2B]
     (logps.narrow(0, 0, b), logps.narrow(0, b, b))
 }
 
@@ -473,194 +481,14 @@ pub fn sequence_logps(
 ) -> (Tensor, Tensor) {
     let rows = per_row(batch, conditioning);
     let layout = batch.token_layout(model);
-    let hidden = model.hidden_states_in(&batch.input_ids, &layout, rows.as_conditioning()); // [R, T, H]
-    pair_logps_from_hidden(model, batch, &hidden)
+    let scored = model.hidden_states_at(
+        &batch.input_ids,
+        &layout,
+        rows.as_conditioning(),
+        &batch.predictors,
+    ); // [N, H]
+    pair_logps_from_scored(model, batch, &scored)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A micro-batch of 2 pairs, T = 5: response tokens marked in `response_mask`.
-    fn batch() -> MicroBatch {
-        #[rustfmt::skip]
-        let response_mask = vec![
-            0, 0, 1, 1, 0, // a of pair 0
-            0, 1, 1, 1, 1, // a of pair 1
-            0, 0, 0, 1, 0, // b of pair 0
-            0, 0, 1, 1, 1, // b of pair 1
-        ];
-        let attention_mask: Vec<i64> = response_mask
-            .chunks(5)
-            .flat_map(|row| {
-                let last = row.iter().rposition(|&m| m == 1).unwrap();
-                (0..5).map(move |t| i64::from(t <= last))
-            })
-            .collect();
-        MicroBatch {
-            pair_ids: vec![0, 1],
-            pairs: 2,
-            seq_len: 5,
-            dimensions: 1,
-            input_ids: (0..20).collect(),
-            attention_mask,
-            response_mask,
-            preferences: vec![1, -1],
-            scores_a: vec![1.0, 0.0],
-            scores_b: vec![0.0, 1.0],
-            conflict: vec![0, 0],
-        }
-    }
-
-    /// The predictor positions `nonzero` finds on the device from a response mask [rows, T]:
-    /// flat `row * T + j` where token j + 1 is a response token.
-    fn device_positions(response_mask: &Tensor) -> Vec<i64> {
-        let t = response_mask.size()[1];
-        let shifted = Tensor::cat(
-            &[
-                response_mask.narrow(1, 1, t - 1),
-                response_mask.narrow(1, 0, 1).zeros_like(),
-            ],
-            1,
-        );
-        Vec::<i64>::try_from(shifted.reshape([-1]).nonzero().squeeze_dim(1)).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<i64> {
-        Vec::<i64>::try_from(t).unwrap()
-    }
-
-    #[test]
-    fn host_positions_match_nonzero_and_survive_replication() {
-        let micro = batch();
-        let tensors = BatchTensors::new(&micro, Device::Cpu);
-        let mask = Tensor::from_slice(&micro.response_mask).view([4, 5]);
-        let found = values(&tensors.predictors);
-        assert_eq!(found, device_positions(&mask));
-        // Each predicts the next token (input ids are 0..20, row-major), summed into its row.
-        assert_eq!(
-            values(&tensors.targets),
-            found.iter().map(|p| p + 1).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            values(&tensors.slots),
-            found.iter().map(|p| p / 5).collect::<Vec<_>>()
-        );
-        assert_eq!(tensors.a_predictors, 2 + 4);
-        assert_eq!(tensors.tokens, micro.attention_mask.iter().sum::<i64>());
-        // Replicated rows [a x 3; b x 3], as `replicated` lays them out.
-        let copies = 3;
-        let replicated = tensors.replicated(copies);
-        let (a, b) = (mask.narrow(0, 0, 2), mask.narrow(0, 2, 2));
-        let expected_mask = Tensor::cat(&[a.repeat([copies, 1]), b.repeat([copies, 1])], 0);
-        let positions = device_positions(&expected_mask);
-        assert_eq!(values(&replicated.predictors), positions);
-        let ids = values(&replicated.input_ids.reshape([-1]));
-        assert_eq!(
-            values(&replicated.targets),
-            positions
-                .iter()
-                .map(|&p| ids[p as usize + 1])
-                .collect::<Vec<_>>()
-        );
-        assert_eq!(
-            values(&replicated.slots),
-            positions.iter().map(|p| p / 5).collect::<Vec<_>>()
-        );
-        assert_eq!(replicated.a_predictors, 3 * tensors.a_predictors);
-        assert_eq!(replicated.tokens, 3 * tensors.tokens);
-        assert_eq!(replicated.input_ids.size(), [12, 5]);
-    }
-
-    /// The chunked LM head (`token_logps`, 3 rows per chunk for 10 positions, the last chunk
-    /// short) against the whole log-softmax at once, as the forward was before: the values,
-    /// and the gradients of a random weighting `sum_i g_i log p_i` with respect to the hidden
-    /// states. Without a gradient the chunked values come back detached.
-    #[test]
-    fn chunked_lm_head_equals_the_whole_log_softmax() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::model::tiny::write_tiny_model(dir.path(), &Default::default(), 3).unwrap();
-        let loaded = crate::model::load_model(dir.path(), None, Device::Cpu, Kind::Float).unwrap();
-        let model = &loaded.model;
-        tch::manual_seed(0);
-        let hidden_size = model.config().hidden_size;
-        let vocab = model.config().vocab_size;
-        let scored = Tensor::randn([10, hidden_size], (Kind::Float, Device::Cpu));
-        let targets = Tensor::randint(vocab, [10], (Kind::Int64, Device::Cpu));
-        let weights = Tensor::randn([10], (Kind::Float, Device::Cpu));
-
-        let leaf = scored.detach().set_requires_grad(true);
-        let whole = model
-            .logits_from_hidden(&leaf)
-            .log_softmax(-1, Kind::Float)
-            .gather(1, &targets.unsqueeze(1), false)
-            .squeeze_dim(1);
-        (&whole * &weights).sum(Kind::Float).backward();
-        let whole_grad = leaf.grad();
-
-        let leaf = scored.detach().set_requires_grad(true);
-        let chunked = token_logps(model, &leaf, &targets, 3);
-        (&chunked * &weights).sum(Kind::Float).backward();
-        let max_diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
-        assert!(max_diff(&chunked, &whole) <= 1e-6, "values differ");
-        let scale = f64::try_from(whole_grad.abs().max()).unwrap();
-        assert!(
-            max_diff(&leaf.grad(), &whole_grad) <= 1e-5 * scale,
-            "gradients differ"
-        );
-
-        let no_grad = token_logps(model, &scored, &targets, 4);
-        assert!(!no_grad.requires_grad());
-        assert!(max_diff(&no_grad, &whole) <= 1e-6);
-        assert_eq!(
-            token_logps(model, &scored.narrow(0, 0, 0), &targets, 3).size(),
-            [0]
-        );
-    }
-
-    /// One pair, prompt [10, 11], response a [12], response b [13, 14], padded to T = 4 as
-    /// rows of their own. Shared, the row is [10 11 12 13 14]: segments 0 0 1 2 2, positions
-    /// 0 1 2 2 3 (b restarts after the prompt); 12 and 13 are both predicted from position 1
-    /// (the prompt's last token), 14 from position 3 (13's). Slots: a to 0, b to B + 0 = 1.
-    /// Response b's view is the prompt and b, row positions 0 1 3 4.
-    #[test]
-    fn shared_prompt_rows_by_hand() {
-        let micro = MicroBatch {
-            pair_ids: vec![0],
-            pairs: 1,
-            seq_len: 4,
-            dimensions: 1,
-            input_ids: vec![10, 11, 12, 99, 10, 11, 13, 14],
-            attention_mask: vec![1, 1, 1, 0, 1, 1, 1, 1],
-            response_mask: vec![0, 0, 1, 0, 0, 0, 1, 1],
-            preferences: vec![1],
-            scores_a: vec![1.0],
-            scores_b: vec![0.0],
-            conflict: vec![0],
-        };
-        let shared = BatchTensors::shared_prompt(&micro, Device::Cpu);
-        assert_eq!(
-            values(&shared.input_ids.reshape([-1])),
-            [10, 11, 12, 13, 14]
-        );
-        let rows = shared.shared_prompt.as_ref().unwrap();
-        let (segments, positions) = (&rows.segments, &rows.positions);
-        assert_eq!(values(&segments.reshape([-1])), [0, 0, 1, 2, 2]);
-        assert_eq!(values(&positions.reshape([-1])), [0, 1, 2, 2, 3]);
-        // b's view [10 11 13 14] (row positions 0 1 3 4); b's outputs come from it, at
-        // t + 2 and t + 3 with t = 5.
-        assert_eq!(values(&rows.b_view.reshape([-1])), [0, 1, 3, 4]);
-        assert_eq!(values(&rows.merge.reshape([-1])), [0, 1, 2, 7, 8]);
-        assert_eq!(values(&shared.predictors), [1, 1, 3]);
-        assert_eq!(values(&shared.targets), [12, 13, 14]);
-        assert_eq!(values(&shared.slots), [0, 1, 1]);
-        assert_eq!((shared.a_predictors, shared.tokens), (1, 7));
-        // Two copies: rows [pair; pair], b slots after both copies' a slots.
-        let twice = shared.replicated(2);
-        assert_eq!(twice.input_ids.size(), [2, 5]);
-        assert_eq!(twice.shared_prompt.as_ref().unwrap().b_view.size(), [2, 4]);
-        assert_eq!(values(&twice.predictors), [1, 6, 1, 3, 6, 8]);
-        assert_eq!(values(&twice.targets), [12, 12, 13, 14, 13, 14]);
-        assert_eq!(values(&twice.slots), [0, 1, 2, 2, 3, 3]);
-    }
-}
+mod tests;

@@ -5,12 +5,14 @@
 //! tokens, for a decoder with frozen base weights and LoRA adapters:
 //!
 //! ```text
-//! forward  = L (2 N_base + 2 N_lora) + A(L) + R 2 H V
-//! backward = L (2 N_base + 4 N_lora) + 2 A(L) + R 2 H V
+//! T_base   = L N_base - (L - R) N_base_late        (and T_lora likewise)
+//! forward  = 2 T_base + 2 T_lora + A(L) + R 2 H V
+//! backward = 2 T_base + 4 T_lora + 2 A(L) + R 2 H V
 //! ```
 //!
 //! `N_base`: base projection weights per token (attention and MLP of every layer; a GEMM costs
-//! 2 FLOPs per weight per token). The backward through a frozen base computes activation
+//! 2 FLOPs per weight per token). `N_base_late`: the last layer's o_proj and MLP weights, which
+//! run at the R scored positions only (`CausalLm::hidden_states_at`). The backward through a frozen base computes activation
 //! gradients only (2 N_base, no weight gradients); adapters get both (4 N_lora). `A(L)`:
 //! causal attention scores and weighted sum, `2 * 2 * q_dim * (1 + 2 + .. + L)` per layer. The
 //! LM head runs on the R response positions only, frozen. Norms, rotary, softmax and the
@@ -57,12 +59,24 @@ pub fn row_pass_flops(
         .map(|&(_, out, inp, _)| rank * (inp + out) as f64)
         .sum::<f64>()
         * layers;
+    // The last layer's o_proj and MLP (every projection after q, k, v) for one token.
+    let late = &shapes[3..];
+    let n_base_late: f64 = late
+        .iter()
+        .map(|&(_, out, inp, _)| (inp * out) as f64)
+        .sum();
+    let n_lora_late: f64 = late
+        .iter()
+        .map(|&(_, out, inp, _)| rank * (inp + out) as f64)
+        .sum();
     let q_dim = (config.num_heads * config.head_dim) as f64;
-    let l = tokens as f64;
+    let (l, r) = (tokens as f64, response_tokens as f64);
+    let t_base = l * n_base - (l - r) * n_base_late;
+    let t_lora = l * n_lora - (l - r) * n_lora_late;
     let attention = 4.0 * q_dim * l * (l + 1.0) / 2.0 * layers;
-    let head = 2.0 * (config.hidden_size * config.vocab_size) as f64 * response_tokens as f64;
-    let forward = l * (2.0 * n_base + 2.0 * n_lora) + attention + head;
-    let backward = l * (2.0 * n_base + 4.0 * n_lora) + 2.0 * attention + head;
+    let head = 2.0 * (config.hidden_size * config.vocab_size) as f64 * r;
+    let forward = 2.0 * t_base + 2.0 * t_lora + attention + head;
+    let backward = 2.0 * t_base + 4.0 * t_lora + 2.0 * attention + head;
     forward + backward
 }
 
@@ -102,9 +116,12 @@ mod tests {
     /// Projection in + out: 8 + 6 + 6 + 8 + 12 + 12 + 12 = 64, so N_lora = 64 r:
     /// 64 (shared only) or 192 (all three blocks).
     /// L = 3 tokens, R = 2 response tokens: A = 4 * 4 * (1 + 2 + 3) = 96; head = 2*4*10*2 = 160.
-    /// Shared only: fwd = 3 (288 + 128) + 96 + 160 = 1504, bwd = 3 (288 + 256) + 192 + 160
-    /// = 1984: 3488. All blocks: fwd = 3 (288 + 384) + 256 = 2272, bwd = 3 (288 + 768) + 352
-    /// = 3520: 5792.
+    /// The last layer's o_proj and MLP run at the R tokens only: their base weights are
+    /// 16 + 32 + 32 + 32 = 112 and their in + out 8 + 12 + 12 + 12 = 44, so T_base =
+    /// 3 * 144 - 1 * 112 = 320 and T_lora = 3 * 64 - 44 = 148 (shared only) or
+    /// 3 * 192 - 132 = 444 (all three blocks).
+    /// Shared only: fwd = 640 + 296 + 96 + 160 = 1192, bwd = 640 + 592 + 192 + 160 = 1584:
+    /// 2776. All blocks: fwd = 640 + 888 + 256 = 1784, bwd = 640 + 1776 + 352 = 2768: 4552.
     #[test]
     fn pass_flops_match_the_hand_count() {
         let config = ModelConfig::from_json(
@@ -122,11 +139,11 @@ mod tests {
         };
         assert_eq!(
             row_pass_flops(&config, &spec, PassAdapters::SharedOnly, 3, 2),
-            3488.0
+            2776.0
         );
         assert_eq!(
             row_pass_flops(&config, &spec, PassAdapters::AllBlocks, 3, 2),
-            5792.0
+            4552.0
         );
     }
 

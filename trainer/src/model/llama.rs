@@ -162,7 +162,7 @@ impl Attention {
         attention: &AttentionPattern,
         cond: Conditioning,
     ) -> Tensor {
-        self.attend(x, rope, attention, cond, None)
+        self.attend(x, rope, attention, cond, None, true)
     }
 
     /// Incremental decoding: x: [1, t_new, hidden] at positions after the `cache`'s, whose keys
@@ -176,11 +176,12 @@ impl Attention {
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Tensor {
         let attention = AttentionPattern::Masked(mask.shallow_clone());
-        self.attend(x, rope, &attention, cond, Some(cache))
+        self.attend(x, rope, &attention, cond, Some(cache), true)
     }
 
     /// Attention over this call's keys and values, preceded by the cached ones when a cache
-    /// is given (which is then extended).
+    /// is given (which is then extended); through o_proj when `project`, else the merged heads
+    /// [b, t, heads x d].
     fn attend(
         &self,
         x: &Tensor,
@@ -188,6 +189,7 @@ impl Attention {
         attention: &AttentionPattern,
         cond: Conditioning,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        project: bool,
     ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |proj: &ConditionedLinear, n: i64| {
@@ -209,7 +211,10 @@ impl Attention {
         let merged = attn
             .transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(&merged, cond)
+        match project {
+            true => self.o_proj.forward(&merged, cond),
+            false => merged,
+        }
     }
 
     /// q: [b, nh, t, d]; k, v: [b, nkv, t_all, d]; mask: [b, 1, t, t_all] -> [b, nh, t, d]
@@ -322,6 +327,44 @@ impl DecoderLayer {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x), cond);
         x + mlp_out
+    }
+
+    /// The layer's output at `positions` only ([N] flat indices into `[b * t]`) -> [N, hidden].
+    /// Every position's keys and values are still computed (the kept positions attend them);
+    /// o_proj, the residual and the MLP run only where the output is read.
+    fn forward_at(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        attention: &AttentionPattern,
+        cond: Conditioning,
+        positions: &Tensor,
+    ) -> Tensor {
+        let (t, hidden) = (x.size()[1], x.size()[2]);
+        let attn_in = self.input_layernorm.forward(x);
+        let merged = self
+            .self_attn
+            .attend(&attn_in, rope, attention, cond, None, false); // [b, t, heads x d]
+                                                                   // Each kept position as a row of one token, with its row's weights: [N, 1, ..].
+        let at = |y: &Tensor| {
+            let width = y.size()[2];
+            y.reshape([-1, width])
+                .index_select(0, positions)
+                .unsqueeze(1)
+        };
+        let row_weights;
+        let cond = match cond {
+            Conditioning::Weighted(w) => {
+                row_weights = w.index_select(0, &positions.floor_divide_scalar(t)); // [N, k]
+                Conditioning::Weighted(&row_weights)
+            }
+            other => other,
+        };
+        let x = at(x) + self.self_attn.o_proj.forward(&at(&merged), cond); // [N, 1, hidden]
+        let mlp_out = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x), cond);
+        (x + mlp_out).view([-1, hidden])
     }
 }
 
@@ -476,6 +519,35 @@ impl CausalLm {
         layout: &TokenLayout,
         cond: Conditioning,
     ) -> Tensor {
+        self.norm
+            .forward(&self.early_layers(input_ids, layout, cond, &self.layers))
+    }
+
+    /// The final hidden states at `positions` only ([N] flat indices into `[b * t]`, e.g. the
+    /// positions that predict a scored token) -> [N, hidden]: [`Self::hidden_states_in`]
+    /// followed by `reshape([-1, hidden]).index_select(0, positions)`, except that the last
+    /// layer runs o_proj, the residual, the MLP and the final norm at those positions only.
+    pub fn hidden_states_at(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        cond: Conditioning,
+        positions: &Tensor,
+    ) -> Tensor {
+        let (last, early) = self.layers.split_last().expect("a decoder has layers");
+        let x = self.early_layers(input_ids, layout, cond, early); // [b, t, hidden]
+        let kept = last.forward_at(&x, &layout.rope, &layout.attention, cond, positions);
+        self.norm.forward(&kept)
+    }
+
+    /// Embedding and `layers` (the first of the decoder) -> [b, t, hidden].
+    fn early_layers(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        cond: Conditioning,
+        layers: &[DecoderLayer],
+    ) -> Tensor {
         if let Conditioning::Weighted(w) = cond {
             assert_eq!(
                 w.size()[0],
@@ -484,43 +556,47 @@ impl CausalLm {
             );
         }
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
-        for layer in &self.layers {
+        for layer in layers {
             x = layer.forward(&x, &layout.rope, &layout.attention, cond);
         }
-        self.norm.forward(&x)
+        x
     }
 
-    /// Forward and backward of `head(hidden_states(..))` with per-decoder-block activation
-    /// recomputation, for sequences and models whose activations do not fit: the decoder runs
-    /// without autograd keeping only each block's input [b, t, hidden]; `head` (the LM head
-    /// and a loss, with autograd) is backpropagated from the final hidden states; then each
-    /// block, last to first, is run again with autograd from its saved input and
-    /// backpropagated with the gradient arriving from above. Gradients accumulate in the
-    /// adapters' `.grad` exactly as `head(hidden_states(..)).0.backward()` would leave them, for
-    /// one extra forward through the decoder. `head` returns the scalar to backpropagate and
-    /// anything else the caller wants back.
+    /// Forward and backward of `head(hidden_states_at(.., positions))` with per-decoder-block
+    /// activation recomputation, for sequences and models whose activations do not fit: the
+    /// decoder up to its last layer runs without autograd keeping only each block's input
+    /// [b, t, hidden]; the last layer at `positions`, the final norm and `head` (the LM head and
+    /// a loss) run with autograd and are backpropagated; then each earlier block, last to
+    /// first, is run again with autograd from its saved input and backpropagated with the
+    /// gradient arriving from above. Gradients accumulate in the adapters' `.grad` exactly as
+    /// `head(hidden_states_at(..)).0.backward()` would leave them, for one extra forward
+    /// through the decoder. `head` returns the scalar to backpropagate and anything else the
+    /// caller wants back.
     pub fn backward_recomputing<R>(
         &self,
         input_ids: &Tensor,
         layout: &TokenLayout,
         cond: Conditioning,
+        positions: &Tensor,
         head: impl FnOnce(&Tensor) -> (Tensor, R),
     ) -> R {
         let (attention, rope) = (&layout.attention, &layout.rope);
-        let mut block_inputs = Vec::with_capacity(self.layers.len());
-        let last = tch::no_grad(|| {
+        let (last, early) = self.layers.split_last().expect("a decoder has layers");
+        let mut block_inputs = Vec::with_capacity(early.len());
+        let top = tch::no_grad(|| {
             let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, t, hidden]
-            for layer in &self.layers {
+            for layer in early {
                 block_inputs.push(x.shallow_clone());
                 x = layer.forward(&x, rope, attention, cond);
             }
             x
         });
-        let top = last.set_requires_grad(true);
-        let (loss, out) = head(&self.norm.forward(&top));
+        let top = top.set_requires_grad(true); // the last layer's input
+        let kept = last.forward_at(&top, rope, attention, cond, positions); // [N, hidden]
+        let (loss, out) = head(&self.norm.forward(&kept));
         loss.backward();
-        let mut grad = top.grad(); // d loss / d output of the last block: [b, t, hidden]
-        for (layer, input) in self.layers.iter().zip(block_inputs).rev() {
+        let mut grad = top.grad(); // d loss / d output of the block below: [b, t, hidden]
+        for (layer, input) in early.iter().zip(block_inputs).rev() {
             let x = input.set_requires_grad(true);
             let y = layer.forward(&x, rope, attention, cond);
             // sum(y * g) has gradient g with respect to y: a vector-Jacobian product.

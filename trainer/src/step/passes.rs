@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::{Preference, TokenizedPair};
 use crate::logps::{
-    logps_from_hidden, pair_logps_from_hidden, per_row, sequence_logps, BatchTensors, RowLayout,
+    logps_from_scored, pair_logps_from_scored, per_row, sequence_logps, BatchTensors, RowLayout,
 };
 use crate::loss;
 use crate::method::{StepPlan, UnitPasses};
@@ -144,13 +144,13 @@ fn split_pair_logps(
     let half = |first_row: i64, first: i64, n: i64| {
         let ids = batch.input_ids.narrow(0, first_row, b); // [B, T]
         let mask = batch.attention_mask.narrow(0, first_row, b);
-        let hidden = model.hidden_states(&ids, &mask, cond);
         let take = |x: &Tensor| x.narrow(0, first, n);
         // Positions and slots count from this half's first row.
-        logps_from_hidden(
+        let predictors = take(&batch.predictors) - first_row * batch.seq_len();
+        let scored = model.hidden_states_at(&ids, &model.padded_layout(&mask), cond, &predictors);
+        logps_from_scored(
             model,
-            &hidden,
-            &(take(&batch.predictors) - first_row * batch.seq_len()),
+            &scored,
             &take(&batch.targets),
             &(take(&batch.slots) - first_row),
             b,
@@ -174,8 +174,9 @@ fn forward_backward<R>(
             &batch.input_ids,
             &batch.token_layout(ctx.model),
             rows.as_conditioning(),
-            |hidden| {
-                let (a, b) = pair_logps_from_hidden(ctx.model, batch, hidden);
+            &batch.predictors,
+            |scored| {
+                let (a, b) = pair_logps_from_scored(ctx.model, batch, scored);
                 loss_of(a, b)
             },
         );
