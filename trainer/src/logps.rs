@@ -318,27 +318,11 @@ pub fn response_lengths(pairs: &[&TokenizedPair], device: Device) -> (Tensor, Te
     )
 }
 
-/// Sums of scored tokens' log-probabilities from the decoder's final hidden states:
-/// [outputs] in f32. Only the `predictors` positions ([N] flat indices into `[R * T]`) go
-/// through the LM head, so the `[R, T, vocab]` logits of prompts and padding are never built;
-/// each token's log-probability of its `targets` id ([N]) adds to its `slots` entry ([N]).
-/// hidden: [R, T, H].
-pub fn logps_from_hidden(
-    model: &CausalLm,
-    hidden: &Tensor,
-    predictors: &Tensor,
-    targets: &Tensor,
-    slots: &Tensor,
-    outputs: i64,
-) -> Tensor {
-    let h = hidden.size()[2];
-    let scored = hidden.reshape([-1, h]).index_select(0, predictors); // [N, H]
-    logps_from_scored(model, &scored, targets, slots, outputs)
-}
-
-/// [`logps_from_hidden`] from the final hidden states of the scored positions only, in the
-/// order of `targets` and `slots` ([`CausalLm::hidden_states_at`]): scored [N, H] ->
-/// [outputs] in f32.
+/// Sums of scored tokens' log-probabilities from the final hidden states of the scored
+/// positions ([`CausalLm::hidden_states_at`]): scored [N, H] -> [outputs] in f32. Only those
+/// positions go through the LM head, so the `[R, T, vocab]` logits of prompts and padding are
+/// never built; each token's log-probability of its `targets` id ([N]) adds to its `slots`
+/// entry ([N]).
 pub fn logps_from_scored(
     model: &CausalLm,
     scored: &Tensor,

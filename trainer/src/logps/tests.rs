@@ -137,6 +137,21 @@ fn chunked_lm_head_equals_the_whole_log_softmax() {
     );
 }
 
+/// The log-probs as they were computed before `hidden_states_at`: the whole decoder's final
+/// hidden states [R, T, H], then the `predictors` positions ([N] flat indices into `[R * T]`).
+fn logps_from_hidden(
+    model: &CausalLm,
+    hidden: &Tensor,
+    predictors: &Tensor,
+    targets: &Tensor,
+    slots: &Tensor,
+    outputs: i64,
+) -> Tensor {
+    let h = hidden.size()[2];
+    let scored = hidden.reshape([-1, h]).index_select(0, predictors); // [N, H]
+    logps_from_scored(model, &scored, targets, slots, outputs)
+}
+
 /// The last layer at the scored positions only (`hidden_states_at`, what
 /// `sequence_logps` and the recomputing backward use) against the whole decoder's hidden
 /// states followed by the selection, as the forward was before: the pair log-probs and
