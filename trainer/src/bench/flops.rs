@@ -12,8 +12,9 @@
 //!
 //! `N_base`: base projection weights per token (attention and MLP of every layer; a GEMM costs
 //! 2 FLOPs per weight per token). `N_base_late`: the last layer's o_proj and MLP weights, which
-//! run at the R scored positions only (`CausalLm::hidden_states_at`). The backward through a frozen base computes activation
-//! gradients only (2 N_base, no weight gradients); adapters get both (4 N_lora). `A(L)`:
+//! run at the R scored positions only (`CausalLm::hidden_states_at`). The backward through a
+//! frozen base computes activation gradients only (2 N_base, no weight gradients); adapters
+//! get both (4 N_lora). `A(L)`:
 //! causal attention scores and weighted sum, `2 * 2 * q_dim * (1 + 2 + .. + L)` per layer. The
 //! LM head runs on the R response positions only, frozen. Norms, rotary, softmax and the
 //! embedding lookup are left out (under 1% at these shapes). Recomputed activations and the

@@ -342,10 +342,11 @@ impl DecoderLayer {
     ) -> Tensor {
         let (t, hidden) = (x.size()[1], x.size()[2]);
         let attn_in = self.input_layernorm.forward(x);
+        // [b, t, heads x d]
         let merged = self
             .self_attn
-            .attend(&attn_in, rope, attention, cond, None, false); // [b, t, heads x d]
-                                                                   // Each kept position as a row of one token, with its row's weights: [N, 1, ..].
+            .attend(&attn_in, rope, attention, cond, None, false);
+        // Each kept position as a row of one token, with its row's weights: [N, 1, ..].
         let at = |y: &Tensor| {
             let width = y.size()[2];
             y.reshape([-1, width])

@@ -65,8 +65,8 @@
 //! AdamW's two f32 moments (and for AdaLoRA the allocator's two f32 averages), what the
 //! all-reduce adds (nothing on NCCL, which reduces the optimizer's flat gradient buffer in
 //! place; MPI on a CPU reduces it into one host receive buffer of the same size; nothing on
-//! one process), and the runtime: on a CPU the
-//! process before any tensor (libtorch, MKL, the allocator: [`CPU_RUNTIME_BYTES`], measured),
+//! one process), and the runtime: on a CPU the process before any tensor (libtorch, MKL,
+//! the allocator: [`CPU_RUNTIME_BYTES`], measured),
 //! on a GPU the CUDA context, cuBLAS workspaces and NCCL ([`CUDA_RUNTIME_BYTES`], stated, not
 //! measured here). The reference log-probs are cached on the host (8 bytes per pair); their
 //! pass before stage 1 is a no-grad forward of the same rows, below stage 1's step.
