@@ -165,13 +165,19 @@ impl BatchTensors {
         let mut segments = vec![-1i64; b * t];
         let mut positions = vec![0i64; b * t];
         // Response b's view [prompt | b | padding] of each row, and where each token's
-        // attention output comes from (the row's, or t + its place in the view).
+        // attention output comes from (the row's, or a_end + its place in the view).
         let t2 = parts
             .iter()
             .map(|(p, _, r)| p.len() + r.len())
             .max()
             .unwrap_or(0);
         let mut b_view = vec![0i64; b * t2];
+        // The first attention runs over the rows' first a_end tokens: every prompt and a.
+        let a_end = parts
+            .iter()
+            .map(|(p, a, _)| p.len() + a.len())
+            .max()
+            .unwrap_or(0);
         let mut merge: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
         let (mut scored_a, mut scored_b): (Vec<Scored>, Vec<Scored>) = (Vec::new(), Vec::new());
         for (j, (prompt, a, rejected)) in parts.iter().enumerate() {
@@ -194,7 +200,7 @@ impl BatchTensors {
                     b_view[j * t2 + position] = i as i64;
                 }
                 if segment == 2 {
-                    merge[row + i] = (t + position) as i64;
+                    merge[row + i] = (a_end + position) as i64;
                 }
             }
             // Response a as in its own row: token i at p + i, predicted from p + i - 1.
@@ -220,6 +226,7 @@ impl BatchTensors {
             shared_prompt: Some(SharedPrefixRows {
                 segments: to_tensor(&segments, &shape, device),
                 positions: to_tensor(&positions, &shape, device),
+                a_end: a_end as i64,
                 b_view: to_tensor(&b_view, &[b as i64, t2 as i64], device),
                 merge: to_tensor(&merge, &shape, device),
             }),

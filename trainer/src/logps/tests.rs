@@ -279,9 +279,10 @@ fn shared_prompt_rows_by_hand() {
     assert_eq!(values(&segments.reshape([-1])), [0, 0, 1, 2, 2]);
     assert_eq!(values(&positions.reshape([-1])), [0, 1, 2, 2, 3]);
     // b's view [10 11 13 14] (row positions 0 1 3 4); b's outputs come from it, at
-    // t + 2 and t + 3 with t = 5.
+    // a_end + 2 and a_end + 3, a_end = 3 the prompt and a.
     assert_eq!(values(&rows.b_view.reshape([-1])), [0, 1, 3, 4]);
-    assert_eq!(values(&rows.merge.reshape([-1])), [0, 1, 2, 7, 8]);
+    assert_eq!(rows.a_end, 3);
+    assert_eq!(values(&rows.merge.reshape([-1])), [0, 1, 2, 5, 6]);
     assert_eq!(values(&shared.predictors), [1, 1, 3]);
     assert_eq!(values(&shared.targets), [12, 13, 14]);
     assert_eq!(values(&shared.slots), [0, 1, 1]);

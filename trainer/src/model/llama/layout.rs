@@ -26,11 +26,16 @@ pub enum AttentionPattern {
     /// all of them (padding queries attend padding too; their outputs are never used).
     Causal,
     /// Rows `[prefix | a | b | padding]`, no longer than any sliding window. Causal attention
-    /// over the row is exact for the prefix and `a`; `b`'s queries attend once more over the
-    /// rows `[prefix | b]`, gathered by `b_view` ([b, t2] int64, positions in the row), and
-    /// `merge` ([b, t] int64) takes each token's output from the row's attention (index < t)
-    /// or from that second one (t + position in the view).
-    SharedPrefix { b_view: Tensor, merge: Tensor },
+    /// over the first `a_end` tokens of the rows (the longest prefix + a) is exact for the
+    /// prefix and `a`; `b`'s queries attend over the rows `[prefix | b]`, gathered by `b_view`
+    /// ([b, t2] int64, positions in the row), and `merge` ([b, t] int64) takes each token's
+    /// output from the first attention (index < a_end) or from the second (a_end + position
+    /// in the view). Neither computes `b` attending to `a`, nor `b`'s queries over the row.
+    SharedPrefix {
+        a_end: i64,
+        b_view: Tensor,
+        merge: Tensor,
+    },
     /// [b, 1, t, t_all] bool, true where query i may attend key j: any other case.
     Masked(Tensor),
 }
@@ -43,7 +48,9 @@ pub struct SharedPrefixRows {
     pub segments: Tensor,
     /// [b, t]: each token's position, restarting after the prefix for the second continuation.
     pub positions: Tensor,
-    /// [b, t2] and [b, t]: as in [`AttentionPattern::SharedPrefix`].
+    /// The longest prefix + first continuation of the rows, and [b, t2] and [b, t]: as in
+    /// [`AttentionPattern::SharedPrefix`].
+    pub a_end: i64,
     pub b_view: Tensor,
     pub merge: Tensor,
 }
@@ -55,6 +62,7 @@ impl SharedPrefixRows {
         SharedPrefixRows {
             segments: repeat(&self.segments),
             positions: repeat(&self.positions),
+            a_end: self.a_end,
             b_view: repeat(&self.b_view),
             merge: repeat(&self.merge),
         }
@@ -88,6 +96,7 @@ impl CausalLm {
         }
         TokenLayout {
             attention: AttentionPattern::SharedPrefix {
+                a_end: rows.a_end,
                 b_view: rows.b_view.shallow_clone(),
                 merge: rows.merge.shallow_clone(),
             },
@@ -165,8 +174,13 @@ impl Attention {
         match pattern {
             AttentionPattern::Masked(mask) => self.scaled_attention(q, k, v, mask),
             AttentionPattern::Causal => causal(q, &k, &v),
-            AttentionPattern::SharedPrefix { b_view, merge } => {
-                let row = causal(q, &k, &v); // [b, nh, t, d]: exact on the prefix and a
+            AttentionPattern::SharedPrefix {
+                a_end,
+                b_view,
+                merge,
+            } => {
+                let first = |x: &Tensor| x.narrow(2, 0, *a_end);
+                let row = causal(&first(q), &first(&k), &first(&v)); // [b, nh, a_end, d]: exact on the prefix and a
                 let second = causal(
                     &gather_positions(q, b_view),
                     &gather_positions(&k, b_view),
@@ -241,7 +255,7 @@ mod tests {
     }
 
     /// Rows `[prefix | a | b]` with (prefix, a, b) lengths (3, 2, 4), (2, 4, 1) and (4, 1, 2),
-    /// t = 9, t2 = 7: two causal attentions and the merge give the segment mask's hidden
+    /// t = 9, t2 = 7, a_end = 6: two causal attentions and the merge give the segment mask's hidden
     /// states on every real token. The indices are built as `logps::BatchTensors` builds them.
     #[test]
     fn shared_prefix_rows_equal_the_segment_mask() {
@@ -249,7 +263,7 @@ mod tests {
         let loaded = tiny(dir.path(), None);
         let model = &loaded.model;
         let shapes = [(3usize, 2usize, 4usize), (2, 4, 1), (4, 1, 2)];
-        let (t, t2) = (9usize, 7usize);
+        let (t, t2, a_end) = (9usize, 7usize, 6usize);
         let mut segments = vec![-1i64; 3 * t];
         let mut positions = vec![0i64; 3 * t];
         let mut b_view = vec![0i64; 3 * t2];
@@ -267,7 +281,7 @@ mod tests {
                     b_view[j * t2 + position] = i as i64;
                 }
                 if segment == 2 {
-                    merge[j * t + i] = (t + position) as i64;
+                    merge[j * t + i] = (a_end + position) as i64;
                 }
             }
         }
@@ -275,6 +289,7 @@ mod tests {
         let rows = SharedPrefixRows {
             segments: tensor(&segments, t),
             positions: tensor(&positions, t),
+            a_end: a_end as i64,
             b_view: tensor(&b_view, t2),
             merge: tensor(&merge, t),
         };
