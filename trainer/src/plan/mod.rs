@@ -28,36 +28,50 @@
 //! | gate (silu input), silu(gate), up, silu(gate) * up | `SiluBackward0`, `MulBackward0`, down's adapter | `4F s` |
 //!
 //! The attention output of the causal kernels is laid out `[b, t, heads, d]`, so merging the
-//! heads is a view and o_proj's adapter keeps that same tensor. Shared-prompt rows add, per
-//! row: b's gathered q, k, v and its second attention output over `T2` tokens
-//! (`T2 (2Q + 2KV) s + 4 heads T2`), the concatenation of both outputs that the merging
-//! `gather` keeps (`GatherBackward0` keeps its input: `(T + T2) Q s`) and the merged heads,
-//! a copy since the gather's output is `[b, heads, t, d]` (`T Q s`). So per layer:
+//! heads is a view and o_proj's adapter keeps that same tensor. Shared-prompt rows run their
+//! first attention over the first `T1` tokens only (the longest prompt + a), so its output
+//! and logsumexp are `T1` long, and add, per row: b's gathered q, k, v and its second
+//! attention output over `T2` tokens (`T2 (2Q + 2KV) s + 4 heads T2`), the concatenation of
+//! both outputs that the merging `gather` keeps (`GatherBackward0` keeps its input:
+//! `(T1 + T2) Q s`) and the merged heads, a copy since the gather's output is
+//! `[b, heads, t, d]` (`T Q s`). So per layer:
 //!
 //! ```text
 //! A_layer = R T (8H + 8 + 2H s + 7 rt s + 4F s + (2Q + 2KV) s + 4 heads)
-//!         + shared: R [T2 ((3Q + 2KV) s + 4 heads) + 2 T Q s]
+//!         + shared: R [T2 ((3Q + 2KV) s + 4 heads) + (T1 + T) Q s - (T - T1) (Q s + 4 heads)]
 //! ```
 //!
-//! Over the decoder, plus the final norm's input `R T (4H + 4)`. The head (`logps.rs`
-//! `token_logps`) runs the LM head and log-softmax over chunks of `c = min(N, 2^26 / V)`
-//! rows: at a chunk's backward the f32 log-softmax result, the gradient scattered into a
-//! zero `[c, V]` f32 tensor and the log-softmax's input gradient exist at once, `12 c V`
-//! bytes, plus the `[c, V]` cast of the logits when `s < 4` (`c V s`); besides, the final
-//! hidden states `R T H s`, the scored rows `N H s` and each chunk's `d log p / d h`, kept
-//! for the backward, `N H s`. The backward of a layer then holds, besides what is still
-//! saved, the gradients of the MLP (`3 F s` per token: of `silu * up`, of each factor) and
-//! of the residual stream and the normed inputs (`3 H s`).
+//! The last layer (`DecoderLayer::forward_at`, `CausalLm::hidden_states_at`) runs its norm,
+//! q, k, v and attention at every token and the rest at the `N` positions that predict a
+//! response token only, where o_proj's adapter keeps the selected attention output (a copy):
 //!
 //! ```text
-//! forward peak  = L A_layer + R T (4H + 4) + R T H s + 2 N H s + head_chunk
-//! backward peak = L A_layer + R T (4H + 4) + N H s + R T (3F + 3H) s
+//! A_last = R T (4H + 4 + H s + 3 rt s + (2Q + 2KV) s + 4 heads) + shared
+//!        + N (4H + 4 + H s + Q s + 4 rt s + 4F s)
+//! ```
+//!
+//! The head (`logps.rs` `token_logps`) gets those `N` rows: the final norm's input
+//! `N (4H + 4)`, its output `N H s` and each chunk's `d log p / d h`, kept for the backward,
+//! `N H s`; it runs the LM head and log-softmax over chunks of `c = min(N, 2^26 / V)` rows: at
+//! a chunk's backward the f32 log-softmax result, the gradient scattered into a zero `[c, V]`
+//! f32 tensor and the log-softmax's input gradient exist at once, `12 c V` bytes, plus the
+//! `[c, V]` cast of the logits when `s < 4` (`c V s`). The backward of a layer then holds,
+//! besides what is still saved, the gradients of the MLP (`3 F s` per token: of `silu * up`,
+//! of each factor; the last layer's at its `N` positions) and of the residual stream and the
+//! normed inputs (`3 H s` per token). With `head_kept = N (4H + 4) + N H s`:
+//!
+//! ```text
+//! forward peak  = (L - 1) A_layer + A_last + N (4H + 4) + 2 N H s + head_chunk
+//! backward peak = (L - 1) A_layer + head_kept
+//!                 + max(A_last + N 3F s + R T 3H s, R T (3F + 3H) s if L > 1)
 //! ```
 //!
 //! With recomputation (`[train] recompute_activations`, `CausalLm::backward_recomputing`) the
-//! decoder keeps each block's input (`R T H s` per layer) and one block at a time is rebuilt
-//! with autograd: `L R T H s + max(head, A_layer + R T (3F + 5H) s)`, the extra `2 H s` the
-//! block's output and the gradient arriving from above.
+//! decoder keeps each block's input (`R T H s` per layer, the last layer's with them); the last
+//! layer and the head run with autograd, then one earlier block at a time is rebuilt:
+//! `L R T H s + max(A_last + max(head, head_kept + N 3F s + R T 4H s), A_layer + R T (3F + 5H)
+//! s)`, the extra `H s` the gradient of the last layer's input, the extra `2 H s` of a block its
+//! output and the gradient arriving from above.
 //!
 //! The passes of a step are one forward over `passes x B` rows when batched, else `B` rows
 //! with a backward after each (`[method] batch_passes`). Beside the activations: the base
@@ -137,6 +151,9 @@ pub struct Rows {
     pub seq_len: i64,
     /// T2: tokens of response b's view `[prompt | b]` of a shared-prompt row (0 otherwise).
     pub b_view_len: i64,
+    /// T1: the longest prompt + a of shared-prompt rows, where their first attention ends (0
+    /// otherwise).
+    pub a_end: i64,
     /// N: scored tokens (every response token).
     pub scored: i64,
 }
@@ -153,12 +170,14 @@ impl Rows {
                 rows: n,
                 seq_len: max(&|(p, a, b)| p + a + b),
                 b_view_len: max(&|(p, _, b)| p + b),
+                a_end: max(&|(p, a, _)| p + a),
                 scored,
             },
             false => Rows {
                 rows: 2 * n,
                 seq_len: max(&|(p, a, b)| p + a.max(b)),
                 b_view_len: 0,
+                a_end: 0,
                 scored,
             },
         }
@@ -195,34 +214,58 @@ pub struct Activations {
 /// stacked adapter rank per projection.
 pub fn activations(dims: &ModelDims, rows: Rows, s: i64, rt: i64, recompute: bool) -> Activations {
     let d = dims;
-    let (r, t, t2, n) = (rows.rows, rows.seq_len, rows.b_view_len, rows.scored);
-    let per_token = 8 * d.hidden
-        + 8
-        + 2 * d.hidden * s
-        + 7 * rt * s
-        + 4 * d.ffn * s
-        + (2 * d.q_dim + 2 * d.kv_dim) * s
-        + 4 * d.heads;
+    let (r, t, t2, t1, n) = (
+        rows.rows,
+        rows.seq_len,
+        rows.b_view_len,
+        rows.a_end,
+        rows.scored,
+    );
+    let tokens = rows.tokens();
+    let norm_input = 4 * d.hidden + 4;
+    let attention_kept = (2 * d.q_dim + 2 * d.kv_dim) * s + 4 * d.heads;
+    let per_token = 2 * norm_input + 2 * d.hidden * s + 7 * rt * s + 4 * d.ffn * s + attention_kept;
+    // Shared-prompt rows: b's view, the concatenation of both outputs and the merged heads,
+    // less the first attention's output and logsumexp beyond T1.
     let shared = match t2 {
         0 => 0,
-        t2 => r * (t2 * ((3 * d.q_dim + 2 * d.kv_dim) * s + 4 * d.heads) + 2 * t * d.q_dim * s),
+        t2 => {
+            r * (t2 * ((3 * d.q_dim + 2 * d.kv_dim) * s + 4 * d.heads) + (t1 + t) * d.q_dim * s
+                - (t - t1) * (d.q_dim * s + 4 * d.heads))
+        }
     };
-    let per_layer = rows.tokens() * per_token + shared;
+    let per_layer = tokens * per_token + shared;
+    // The last layer (`DecoderLayer::forward_at`) runs its attention at every position and the
+    // rest at the scored ones only, where o_proj's adapter keeps the selected attention output.
+    let last_at_every_token = norm_input + d.hidden * s + 3 * rt * s + attention_kept;
+    let last_at_scored = norm_input + d.hidden * s + d.q_dim * s + 4 * rt * s + 4 * d.ffn * s;
+    let last_layer = tokens * last_at_every_token + shared + n * last_at_scored;
+    let early = (d.layers - 1) * per_layer;
     let chunk = n.min((LOGITS_CHUNK_ELEMENTS / d.vocab).max(1));
     let lm_head = chunk * d.vocab * (12 + if s < 4 { s } else { 0 });
-    let final_norm = rows.tokens() * (4 * d.hidden + 4);
-    let hidden = rows.tokens() * d.hidden * s;
-    let forward_head = final_norm + hidden + 2 * n * d.hidden * s + lm_head;
-    let layer_backward = rows.tokens() * (3 * d.ffn + 3 * d.hidden) * s;
+    // The head's input is already the scored rows [N, hidden]: the final norm's input, its
+    // output and each chunk's d log p / d h.
+    let final_norm = n * norm_input;
+    let forward_head = final_norm + 2 * n * d.hidden * s + lm_head;
+    let hidden = tokens * d.hidden * s;
+    let layer_backward = tokens * (3 * d.ffn + 3 * d.hidden) * s;
+    let last_backward = n * 3 * d.ffn * s + tokens * 3 * d.hidden * s;
+    // Still held while the decoder's backward runs (an upper bound: the head's node frees them).
+    let head_kept = final_norm + n * d.hidden * s;
+    let below_last = |working: i64| if d.layers > 1 { working } else { 0 };
     let peak = match recompute {
         false => {
-            let forward = d.layers * per_layer + forward_head;
-            let backward = d.layers * per_layer + final_norm + n * d.hidden * s + layer_backward;
-            forward.max(backward)
+            let forward = early + last_layer + forward_head;
+            let backward_last = early + last_layer + head_kept + last_backward;
+            let backward_below = below_last(early + head_kept + layer_backward);
+            forward.max(backward_last).max(backward_below)
         }
         true => {
+            // The block inputs, the last layer's with them; the last layer and the head run
+            // with autograd, then one earlier block at a time with its output and gradient.
             let inputs = d.layers * hidden;
-            inputs + forward_head.max(per_layer + layer_backward + 2 * hidden)
+            let head = last_layer + forward_head.max(head_kept + last_backward + hidden);
+            inputs + head.max(below_last(per_layer + layer_backward + 2 * hidden))
         }
     };
     Activations {
