@@ -8,12 +8,14 @@ the CPU flash kernel runs at the cpu preset's head dimension and at larger ones.
    tokens, one over b's gathered view [prompt | b], the merging gather), times 4 layers, with
    the cpu preset's 8 query / 4 key-value heads of 32. `--before` runs the first call over
    the whole row instead (the layout before fc87a7c). Lengths in tokens of the byte
-   tokenizer: a text's UTF-8 bytes, each ChatML marker one token.
+   tokenizer: a text's UTF-8 bytes, each ChatML marker one token. `--stage 3` does the same
+   for the stage-3 steps (`target/bench/stage3_steps.jsonl`, token ids), three passes (k + 1)
+   of the same rows per step, one at a time as on a CPU.
 2. The kernel's rate: causal forward + backward of 8 rows of 300 tokens at width 256 as 8
    heads of 32, 4 of 64 and 2 of 128, FLOPs counted as `trainer/src/bench/flops.rs` counts
    attention (4 q_dim per query and key it attends, the backward twice the forward).
 
-    .venv/bin/python bench/micro/attention_share.py [--before] [--threads 2]
+    .venv/bin/python bench/micro/attention_share.py [--stage 1|3] [--before] [--threads 2]
 """
 
 import argparse
@@ -64,18 +66,27 @@ def shared_prompt_attention(lengths, whole_row):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", default="target/bench/stage1_pairs.jsonl")
+    p.add_argument("--stage", type=int, choices=(1, 3), default=1)
     p.add_argument("--before", action="store_true", help="the first call over the whole row")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    pairs = [json.loads(line) for line in open(args.pairs)]
+    if args.stage == 1:
+        pairs = [json.loads(line) for line in open("target/bench/stage1_pairs.jsonl")]
+        steps = [
+            [(tokens(x["prompt"]), tokens(x["chosen"]), tokens(x["rejected"])) for x in pairs[start : start + 8]]
+            for start in range(0, len(pairs), 8)
+        ]
+    else:
+        steps = [
+            [(len(x["prompt_ids"]), len(x["a_ids"]), len(x["b_ids"])) for x in json.loads(line)["pairs"]]
+            for line in open("target/bench/stage3_steps.jsonl")
+        ]
+    passes = 1 if args.stage == 1 else 3
     per_step = []
-    for start in range(16, len(pairs), 8):  # the timed steps, after 2 warm-up steps of 8
-        batch = pairs[start : start + 8]
-        lengths = [(tokens(x["prompt"]), tokens(x["chosen"]), tokens(x["rejected"])) for x in batch]
+    for lengths in steps[2:]:  # the timed steps, after 2 warm-up steps
         run = shared_prompt_attention(lengths, args.before)
         run()
         times = []
@@ -83,10 +94,11 @@ def main():
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
-        per_step.append(4 * statistics.median(times) * 1e3)
+        per_step.append(passes * 4 * statistics.median(times) * 1e3)
     layout = "first call over the whole row" if args.before else "first call over a_end"
     print(
-        f"stage-1 attention, forward + backward, 4 layers ({layout}): median {statistics.median(per_step):.0f} ms "
+        f"stage-{args.stage} attention, forward + backward, 4 layers, {passes} pass(es) ({layout}): "
+        f"median {statistics.median(per_step):.0f} ms "
         f"per step [{min(per_step):.0f}-{max(per_step):.0f}] over {len(per_step)} steps"
     )
 
