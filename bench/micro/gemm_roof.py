@@ -30,18 +30,8 @@ import statistics
 
 import torch
 
+from layer_backward import SHAPES  # the cpu preset's projections, name: (out, in)
 from timing import best_ms  # bench/micro/timing.py
-
-# The cpu preset's projections (in, out): hidden 256, 8 heads / 4 KV heads of 32, MLP 688.
-PROJECTIONS = {
-    "q_proj": (256, 256),
-    "k_proj": (256, 128),
-    "v_proj": (256, 128),
-    "o_proj": (256, 256),
-    "gate_proj": (256, 688),
-    "up_proj": (256, 688),
-    "down_proj": (688, 256),
-}
 
 
 def projection_gemms(m, n_in, n_out, r):
@@ -83,7 +73,7 @@ def main():
     sq_a, sq_b = torch.randn(n, n), torch.randn(n, n)
     gemms = {
         (proj, name): call
-        for proj, (n_in, n_out) in PROJECTIONS.items()
+        for proj, (n_out, n_in) in SHAPES.items()
         for name, call in projection_gemms(args.rows, n_in, n_out, args.rank).items()
     }
     square_ms, times = [], {key: [] for key in gemms}
@@ -106,7 +96,7 @@ def main():
         rate = flop / ms / 1e6
         print(f"{label:28s} {ms:8.2f} {flop / 1e9:8.3f} {rate:8.1f} {100 * rate / square_rate:8.1f}%")
 
-    for proj in PROJECTIONS:
+    for proj in SHAPES:
         line(proj, [k for k in gemms if k[0] == proj])
     frozen = [k for k in gemms if k[1] in ("x W^T", "g W")]
     lora = [k for k in gemms if k[1] not in ("x W^T", "g W")]

@@ -180,7 +180,8 @@ impl Attention {
                 merge,
             } => {
                 let first = |x: &Tensor| x.narrow(2, 0, *a_end);
-                let row = causal(&first(q), &first(&k), &first(&v)); // [b, nh, a_end, d]: exact on the prefix and a
+                // [b, nh, a_end, d]: exact on the prefix and a
+                let row = causal(&first(q), &first(&k), &first(&v));
                 let second = causal(
                     &gather_positions(q, b_view),
                     &gather_positions(&k, b_view),
@@ -255,8 +256,9 @@ mod tests {
     }
 
     /// Rows `[prefix | a | b]` with (prefix, a, b) lengths (3, 2, 4), (2, 4, 1) and (4, 1, 2),
-    /// t = 9, t2 = 7, a_end = 6: two causal attentions and the merge give the segment mask's hidden
-    /// states on every real token. The indices are built as `logps::BatchTensors` builds them.
+    /// t = 9, t2 = 7, a_end = 6: two causal attentions and the merge give the segment mask's
+    /// hidden states on every real token. The indices are built as `logps::BatchTensors` builds
+    /// them.
     #[test]
     fn shared_prefix_rows_equal_the_segment_mask() {
         let dir = tempfile::tempdir().unwrap();
